@@ -1,0 +1,32 @@
+# fastvit-jax: one entry point per job. Every target creates .venv/ when missing.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: setup demo test test-all bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -r requirements.lock
+	$(VPY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+demo: setup
+	$(VPY) -m fastvit_jax.demo
+
+test: setup
+	$(VPY) -m pytest -q -n 2 --dist loadgroup tests
+
+test-all: setup
+	$(VPY) -m pytest -q -n 2 --dist loadgroup -m "slow or not slow" tests
+
+bench: setup
+	$(VPY) -m benchmarks.run --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

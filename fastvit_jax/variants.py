@@ -1,0 +1,167 @@
+"""The seven FastViT variants and the paper's training recipe, as plain data.
+
+This module is the single source of truth for the architecture table. It imports
+neither JAX nor PyTorch, so both ``fastvit_jax`` and ``torch_ref`` read it (and so
+does ``convert``). Numbers follow Apple's ml-fastvit code (see
+``shared/docs/fastvit_spec.md`` §1 and §6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+__all__ = [
+    "VARIANTS",
+    "VariantConfig",
+    "RecipeDefaults",
+    "get_variant",
+    "canonical_name",
+    "OFFICIAL_PARAM_COUNTS",
+    "OFFICIAL_GMACS",
+    "PAPER_NUMBERS",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantConfig:
+    """Architecture of one FastViT variant.
+
+    Attributes:
+      name: short name ('t8', ..., 'ma36').
+      layers: blocks per stage (4 stages).
+      embed_dims: channels per stage.
+      mlp_ratio: ConvFFN hidden expansion.
+      token_mixers: 'repmixer' or 'attention' per stage.
+      pos_emb: per stage, whether a RepCPE (7x7 conditional positional encoding)
+        runs at the start of that stage.
+      layer_scale_init: initial value of every layer scale (Apple's code: 1e-6 for
+        sa36 / ma36, 1e-5 otherwise; timm uses 1e-5 everywhere).
+      crop_pct: evaluation centre-crop fraction of the pretrained config.
+    """
+
+    name: str
+    layers: Tuple[int, int, int, int]
+    embed_dims: Tuple[int, int, int, int]
+    mlp_ratio: float
+    token_mixers: Tuple[str, str, str, str]
+    pos_emb: Tuple[bool, bool, bool, bool]
+    layer_scale_init: float
+    crop_pct: float
+    repmixer_kernel_size: int = 3
+    cls_ratio: float = 2.0
+    head_dim: int = 32
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.layers)
+
+    @property
+    def num_features(self) -> int:
+        """Channels after the final conv (input of the classifier)."""
+        return int(self.embed_dims[-1] * self.cls_ratio)
+
+
+_RM4 = ("repmixer",) * 4
+_RM3A = ("repmixer", "repmixer", "repmixer", "attention")
+_NO_PE = (False, False, False, False)
+_PE4 = (False, False, False, True)
+
+_CONFIGS = {
+    "t8": VariantConfig("t8", (2, 2, 4, 2), (48, 96, 192, 384), 3.0, _RM4, _NO_PE, 1e-5, 0.9),
+    "t12": VariantConfig("t12", (2, 2, 6, 2), (64, 128, 256, 512), 3.0, _RM4, _NO_PE, 1e-5, 0.9),
+    "s12": VariantConfig("s12", (2, 2, 6, 2), (64, 128, 256, 512), 4.0, _RM4, _NO_PE, 1e-5, 0.9),
+    "sa12": VariantConfig("sa12", (2, 2, 6, 2), (64, 128, 256, 512), 4.0, _RM3A, _PE4, 1e-5, 0.9),
+    "sa24": VariantConfig("sa24", (4, 4, 12, 4), (64, 128, 256, 512), 4.0, _RM3A, _PE4, 1e-5, 0.9),
+    # Apple's pretrained config says crop 0.95 for sa36; timm says 0.9. We follow Apple.
+    "sa36": VariantConfig("sa36", (6, 6, 18, 6), (64, 128, 256, 512), 4.0, _RM3A, _PE4, 1e-6, 0.95),
+    "ma36": VariantConfig("ma36", (6, 6, 18, 6), (76, 152, 304, 608), 4.0, _RM3A, _PE4, 1e-6, 0.95),
+}
+
+VARIANTS: Tuple[str, ...] = tuple(_CONFIGS)
+
+# Exact counts of Apple's code (train form, fused form), spec §1.
+OFFICIAL_PARAM_COUNTS = {
+    "t8": (4_026_232, 3_996_040),
+    "t12": (7_553_704, 7_508_840),
+    "s12": (9_473_576, 9_428_712),
+    "sa12": (11_580_968, 11_545_320),
+    "sa24": (21_554_216, 21_501_288),
+    "sa36": (31_527_464, 31_457_256),
+    "ma36": (44_068_004, 43_984_632),
+}
+# GMACs at 256x256 (train form, fused form), spec §1.
+OFFICIAL_GMACS = {
+    "t8": (0.690, 0.685),
+    "t12": (1.398, 1.391),
+    "s12": (1.800, 1.794),
+    "sa12": (1.944, 1.937),
+    "sa24": (3.770, 3.762),
+    "sa36": (5.596, 5.587),
+    "ma36": (7.826, 7.815),
+}
+# The paper's table (params in M, GFLOPs = GMACs, ImageNet top-1 at 256).
+PAPER_NUMBERS = {
+    "t8": (3.6, 0.7, 75.6),
+    "t12": (6.8, 1.4, 79.1),
+    "s12": (8.8, 1.8, 79.8),
+    "sa12": (10.9, 1.9, 80.6),
+    "sa24": (20.6, 3.8, 82.6),
+    "sa36": (30.4, 5.6, 83.6),
+    "ma36": (42.7, 7.9, 83.9),
+}
+
+
+def canonical_name(variant: str) -> str:
+    """'fastvit_sa12' / 'SA12' / 'sa12' -> 'sa12'. Raises ValueError for unknown names."""
+    if not isinstance(variant, str):
+        raise ValueError(f"variant must be a string, got {variant!r}; valid: {', '.join(VARIANTS)}")
+    name = variant.strip().lower()
+    if name.startswith("fastvit_"):
+        name = name[len("fastvit_"):]
+    if name not in _CONFIGS:
+        raise ValueError(
+            f"unknown FastViT variant {variant!r}; valid: {', '.join(VARIANTS)} "
+            f"(optionally prefixed 'fastvit_')"
+        )
+    return name
+
+
+def get_variant(variant: str) -> VariantConfig:
+    """The architecture config of ``variant`` ('t8' or 'fastvit_t8')."""
+    return _CONFIGS[canonical_name(variant)]
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeDefaults:
+    """Apple's training recipe (ml-fastvit train.py defaults + README commands), spec §6."""
+
+    epochs: int = 300
+    base_lr: float = 1e-3            # at global batch 1024; scaled linearly with batch
+    base_batch_size: int = 1024
+    weight_decay: float = 0.05
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    label_smoothing: float = 0.1
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    mixup_switch_prob: float = 0.5
+    randaugment: str = "rand-m9-mstd0.5-inc1"
+    random_erase_prob: float = 0.25
+    color_jitter: float = 0.4
+    rrc_scale: Tuple[float, float] = (0.08, 1.0)
+    ema_decay: float = 0.9995
+    drop_path_rate: float = 0.0
+    image_size: int = 256
+
+
+_DROP_PATH = {"t8": 0.0, "t12": 0.0, "s12": 0.0, "sa12": 0.1, "sa24": 0.1, "sa36": 0.2, "ma36": 0.35}
+# Apple's README runs pass --mixup 0.2 for t8 ... sa36; ma36 keeps the default 0.8.
+_MIXUP = {"t8": 0.2, "t12": 0.2, "s12": 0.2, "sa12": 0.2, "sa24": 0.2, "sa36": 0.2, "ma36": 0.8}
+
+
+def recipe_for(variant: str) -> RecipeDefaults:
+    """The per-variant training defaults (drop path and mixup differ per variant)."""
+    name = canonical_name(variant)
+    return RecipeDefaults(drop_path_rate=_DROP_PATH[name], mixup_alpha=_MIXUP[name])
