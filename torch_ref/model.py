@@ -1,0 +1,160 @@
+"""The FastViT network in PyTorch (NCHW), timm layout: stem, stages, final_conv, head."""
+
+from __future__ import annotations
+
+import copy
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+from fastvit_jax.variants import VARIANTS, VariantConfig, get_variant  # pure Python, no JAX
+from torch_ref.layers import (
+    AttentionBlock,
+    MobileOneBlock,
+    PatchEmbed,
+    RepConditionalPosEnc,
+    RepMixerBlock,
+)
+
+Tensor = torch.Tensor
+
+__all__ = ["FastVit", "FastVitStage", "ClassifierHead", "create_model", "reparameterize_model", "drop_path_rates", "VARIANTS"]
+
+
+def drop_path_rates(depths: Sequence[int], rate: float) -> List[List[float]]:
+    """Per-block linear schedule: block j of N gets rate * j / (N - 1), split per stage."""
+    total = sum(depths)
+    flat = [rate * j / (total - 1) if total > 1 else 0.0 for j in range(total)]
+    out, start = [], 0
+    for d in depths:
+        out.append(flat[start:start + d])
+        start += d
+    return out
+
+
+class FastVitStage(nn.Module):
+    """[PatchEmbed downsample] -> [RepCPE] -> blocks."""
+
+    def __init__(self, dim: int, dim_out: int, depth: int, token_mixer: str, downsample: bool, pos_emb: bool,
+                 mlp_ratio: float, kernel_size: int, drop_path: Sequence[float], layer_scale_init_value: float,
+                 drop: float = 0.0, head_dim: int = 32, inference_mode: bool = False):
+        super().__init__()
+        self.downsample = (
+            PatchEmbed(7, 2, dim, dim_out, inference_mode=inference_mode) if downsample else nn.Identity()
+        )
+        self.pos_emb = RepConditionalPosEnc(dim_out, 7, inference_mode=inference_mode) if pos_emb else nn.Identity()
+        if token_mixer == "repmixer":
+            blocks = [
+                RepMixerBlock(dim_out, kernel_size, mlp_ratio, drop, drop_path[i], layer_scale_init_value,
+                              inference_mode)
+                for i in range(depth)
+            ]
+        elif token_mixer == "attention":
+            blocks = [
+                AttentionBlock(dim_out, mlp_ratio, drop, drop_path[i], layer_scale_init_value, head_dim)
+                for i in range(depth)
+            ]
+        else:
+            raise ValueError(f"unknown token mixer {token_mixer!r}; valid: 'repmixer', 'attention'")
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.pos_emb(self.downsample(x)))
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool -> dropout -> Linear (key ``head.fc``); Identity fc when num_classes == 0."""
+
+    def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.drop(x.mean((2, 3)))
+        return x if pre_logits else self.fc(x)
+
+
+class FastVit(nn.Module):
+    """FastViT (Vasu et al., ICCV 2023), faithful to Apple's ml-fastvit with timm's names.
+
+    Input: (B, 3, H, W) ImageNet-normalized, H and W divisible by 32. Output: (B, num_classes).
+    """
+
+    def __init__(self, cfg: VariantConfig, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
+                 proj_drop_rate: float = 0.0, drop_path_rate: float = 0.0, inference_mode: bool = False,
+                 layer_scale_init_value: float | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.inference_mode = inference_mode
+        ls_init = cfg.layer_scale_init if layer_scale_init_value is None else layer_scale_init_value
+        c0 = cfg.embed_dims[0]
+        self.stem = nn.Sequential(
+            MobileOneBlock(in_chans, c0, 3, 2, inference_mode=inference_mode),
+            MobileOneBlock(c0, c0, 3, 2, groups=c0, inference_mode=inference_mode),
+            MobileOneBlock(c0, c0, 1, 1, inference_mode=inference_mode),
+        )
+        dpr = drop_path_rates(cfg.layers, drop_path_rate)
+        stages, prev = [], c0
+        for i, (depth, dim) in enumerate(zip(cfg.layers, cfg.embed_dims)):
+            stages.append(FastVitStage(
+                prev, dim, depth, cfg.token_mixers[i], downsample=i > 0 or prev != dim, pos_emb=cfg.pos_emb[i],
+                mlp_ratio=cfg.mlp_ratio, kernel_size=cfg.repmixer_kernel_size, drop_path=dpr[i],
+                layer_scale_init_value=ls_init, drop=proj_drop_rate, head_dim=cfg.head_dim,
+                inference_mode=inference_mode))
+            prev = dim
+        self.stages = nn.Sequential(*stages)
+        self.num_features = cfg.num_features
+        self.final_conv = MobileOneBlock(prev, self.num_features, 3, 1, groups=prev, inference_mode=inference_mode,
+                                         use_se=True)
+        self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward_stages(self, x: Tensor) -> List[Tensor]:
+        """The four stage outputs (NCHW, strides 4, 8, 16, 32), the last attention stage included."""
+        x = self.stem(x)
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """stem -> stages -> final_conv: (B, 2*C4, H/32, W/32)."""
+        return self.final_conv(self.stages(self.stem(x)))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def create_model(variant: str, num_classes: int = 1000, inference_mode: bool = False, drop_path_rate: float = 0.0,
+                 **kwargs) -> FastVit:
+    """Build a FastViT variant ('t8' or 'fastvit_t8'); ``inference_mode=True`` builds the fused graph.
+
+    Raises ValueError naming the valid variants for an unknown name.
+    """
+    return FastVit(get_variant(variant), num_classes=num_classes, inference_mode=inference_mode,
+                   drop_path_rate=drop_path_rate, **kwargs)
+
+
+def reparameterize_model(model: nn.Module) -> nn.Module:
+    """A fused deep copy of ``model`` (the input is left unchanged), in eval mode.
+
+    Every module with a ``reparameterize`` method fuses itself (spec §3).
+    """
+    fused = copy.deepcopy(model)
+    for module in list(fused.modules()):
+        if hasattr(module, "reparameterize"):
+            module.reparameterize()
+    if isinstance(fused, FastVit):
+        fused.inference_mode = True
+    return fused.eval()
