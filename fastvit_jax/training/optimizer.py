@@ -1,0 +1,74 @@
+"""AdamW with Apple's (timm's) schedule and weight-decay set.
+
+Schedule (timm ``CosineLRScheduler``, ``warmup_prefix=False``, evaluated per step here
+instead of per epoch): linear warm-up from ``warmup_lr`` to the peak over
+``warmup_steps``; afterwards ``min_lr + (peak - min_lr) * (1 + cos(pi * t / T)) / 2`` at the
+absolute step ``t`` over the cosine length ``T``; ``min_lr`` after ``T`` (cool-down).
+
+Weight decay: the reference run (timm ``param_groups_weight_decay``) decayed every
+parameter with ndim > 1 that is not a bias: conv/linear weights and the (C,1,1) layer
+scales. Our layer scales are (C,), so the mask is by leaf name: decay iff the leaf is
+named ``kernel`` or ``gamma``; biases and BatchNorm scale/bias do not decay.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+DECAY_LEAF_NAMES = frozenset({"kernel", "gamma"})
+
+
+def lr_schedule(
+    peak_lr: float,
+    *,
+    total_steps: int,
+    warmup_steps: int = 0,
+    warmup_lr: float = 1e-6,
+    min_lr: float = 1e-5,
+) -> Callable[[Any], jnp.ndarray]:
+    """timm-style warm-up + cosine (absolute step) schedule; ``total_steps`` = cosine length."""
+    total = max(int(total_steps), 1)
+    warm = max(int(warmup_steps), 0)
+
+    def schedule(step):
+        t = jnp.asarray(step, jnp.float32)
+        cos = min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * jnp.minimum(t, total) / total))
+        if warm == 0:
+            return cos
+        warmup = warmup_lr + t * (peak_lr - warmup_lr) / warm
+        return jnp.where(t < warm, warmup, cos)
+
+    return schedule
+
+
+def _leaf_name(path) -> str:
+    last = path[-1]
+    for attr in ("key", "name", "idx"):
+        if hasattr(last, attr):
+            return str(getattr(last, attr))
+    return str(last)
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """Pytree of bools: True for leaves named 'kernel' or 'gamma'."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: _leaf_name(p) in DECAY_LEAF_NAMES, params)
+
+
+def make_optimizer(
+    schedule: Callable,
+    *,
+    weight_decay: float,
+    clip_grad: Optional[float] = None,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """torch.optim.AdamW semantics (decoupled decay scaled by lr), masked decay."""
+    tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
+    if clip_grad:
+        tx = optax.chain(optax.clip_by_global_norm(clip_grad), tx)
+    return tx

@@ -1,0 +1,46 @@
+"""A tiny linen stand-in with FastViT's leaf-name conventions (for fast trainer tests).
+
+Leaves: conv ``kernel``/``bias``, BatchNorm ``scale``/``bias`` (+ ``mean``/``var`` in
+batch_stats), a (C,) layer scale ``gamma``, classifier at ``params['head']['fc']``.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class _Head(nn.Module):
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+
+
+class TinyNet(nn.Module):
+    num_classes: int = 10
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+    inference_mode: bool = False
+    width: int = 16
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x.astype(self.dtype)
+        x = nn.Conv(self.width, (3, 3), strides=(2, 2), use_bias=False, dtype=self.dtype, name="stem")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn")(x)
+        x = nn.gelu(x, approximate=False)
+        y = nn.Conv(self.width, (3, 3), dtype=self.dtype, name="mix")(x)
+        gamma = self.param("gamma", nn.initializers.constant(0.1), (self.width,))
+        y = nn.Dropout(self.drop_path_rate)(y, deterministic=not train or self.drop_path_rate == 0)
+        x = x + gamma * y
+        x = x.mean(axis=(1, 2))
+        return _Head(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+
+
+def create_tiny_model(variant="t8", *, num_classes=1000, inference_mode=False, drop_path_rate=0.0,
+                      dtype=jnp.float32):
+    return TinyNet(num_classes=num_classes, drop_path_rate=drop_path_rate, dtype=dtype,
+                   inference_mode=inference_mode)
