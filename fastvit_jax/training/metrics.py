@@ -9,6 +9,14 @@ from typing import Dict, List, Optional
 METRICS_FILENAME = "metrics.jsonl"
 
 
+def _scalar_metadata():
+    from tensorflow.core.framework import summary_pb2
+
+    md = summary_pb2.SummaryMetadata()
+    md.plugin_data.plugin_name = "scalars"
+    return md
+
+
 class MetricWriter:
     """Appends {'step', 'kind', ...} records to metrics.jsonl and TensorBoard (process 0)."""
 
@@ -37,7 +45,10 @@ class MetricWriter:
 
             with self._tb.as_default():
                 for k, v in scalars.items():
-                    tf.summary.scalar(f"{kind}/{k}", float(v), step=int(step))
+                    # tf.summary.scalar needs the tensorboard package; the core op with the
+                    # scalars-plugin metadata writes the same event TensorBoard reads.
+                    tf.summary.write(f"{kind}/{k}", tf.constant(float(v), tf.float32), step=int(step),
+                                     metadata=_scalar_metadata())
             self._tb.flush()
 
     def close(self) -> None:

@@ -283,19 +283,18 @@ def run_eval(eval_fn, variables_pair, config: TrainConfig, mesh, *, num_classes:
     from fastvit_jax.data.pipeline import device_prefetch, make_eval_dataset
 
     bs = config.eval_batch_size or config.global_batch_size
-    div = mesh_lib.batch_size_divisor(mesh)
+    div = math.lcm(mesh_lib.batch_size_divisor(mesh), jax.process_count())
     bs = max(div, (bs // div) * div)
     ds = make_eval_dataset(
         config.dataset,
         config.data_dir,
-        batch_size=bs // jax.process_count(),
+        batch_size=bs,  # global
         image_size=config.image_size,
         crop_pct=config.eval_crop_pct,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    it = device_prefetch(iter(ds.as_numpy_iterator() if hasattr(ds, "as_numpy_iterator") else ds),
-                         mesh_lib.batch_sharding(mesh))
+    it = device_prefetch(ds, mesh_lib.batch_sharding(mesh))
     totals: Dict[str, float] = {}
     pending = []
     for batch in it:
@@ -470,7 +469,7 @@ def train_and_evaluate(
         process_count=jax.process_count(),
         augment=_make_augment(config),
     )
-    batches = device_prefetch(iter(ds.as_numpy_iterator() if hasattr(ds, "as_numpy_iterator") else ds), bsh)
+    batches = device_prefetch(ds, bsh)
 
     pbar = None
     if config.progress and is_main and start_step < plan.total_steps:
