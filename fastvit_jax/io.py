@@ -1,0 +1,93 @@
+"""One on-disk format for Flax variables: safetensors (no pickle), flat '/'-joined keys.
+
+``save_variables(path, variables)`` writes ``{'params': ..., 'batch_stats': ...}`` as
+tensors named e.g. ``params/stages_0/blocks_1/mlp/fc1/kernel``; string metadata (variant,
+form, ...) rides along in the safetensors header. Writes go to a temporary file renamed at
+the end, so a failed save never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+FORMAT = "fastvit_jax.variables/1"
+
+
+def flatten_variables(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+    """Nested dict of arrays -> {'a/b/c': np.ndarray}."""
+    flat: Dict[str, np.ndarray] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                if "/" in str(k):
+                    raise ValueError(f"variable name {k!r} under {prefix!r} contains '/'")
+                walk(f"{prefix}/{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = np.ascontiguousarray(np.asarray(node))
+
+    walk("", variables)
+    return flat
+
+
+def unflatten_variables(flat: Mapping[str, Any]) -> Dict[str, Any]:
+    """{'a/b/c': array} -> nested dict."""
+    out: Dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def save_variables(path: str | os.PathLike, variables: Mapping[str, Any],
+                   metadata: Optional[Mapping[str, Any]] = None) -> str:
+    """Write ``variables`` to ``path`` (.safetensors) atomically; returns the path.
+
+    ``metadata`` values that are not strings are stored as JSON.
+    """
+    path = os.fspath(path)
+    meta = {"format": FORMAT}
+    for k, v in (metadata or {}).items():
+        meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
+    flat = flatten_variables(variables)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+    os.close(fd)
+    try:
+        save_file(flat, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_variables(path: str | os.PathLike) -> Dict[str, Any]:
+    """Read a file written by ``save_variables``: nested dict of numpy arrays."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no variables file at {path!r}")
+    try:
+        flat = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path!r} is not a safetensors variables file written by save_variables: {e}") from e
+    return unflatten_variables(flat)
+
+
+def load_metadata(path: str | os.PathLike) -> Dict[str, str]:
+    """The string metadata stored by ``save_variables``."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="numpy") as f:
+        return dict(f.metadata() or {})

@@ -1,0 +1,374 @@
+"""FastViT building blocks in Flax linen (NHWC), one-to-one with ``torch_ref/layers.py``.
+
+Same block names, fields and submodule names as the PyTorch twin (timm's layout), with
+Flax leaf names: conv / dense weights ``kernel`` (HWIO / (in, out)), ``bias``; BatchNorm
+``scale``/``bias`` in ``params`` and ``mean``/``var`` in ``batch_stats``; layer scales
+``gamma`` of shape (C,). A torch key ``stages.0.blocks.1.mlp.fc1.weight`` is the Flax path
+``stages_0/blocks_1/mlp/fc1/kernel``.
+
+Every module takes ``train: bool``: BatchNorm uses batch statistics and updates its running
+averages when ``train`` is true (PyTorch semantics), DropPath needs the ``'dropout'`` rng.
+Re-parameterizable blocks have an ``inference_mode`` field that builds the fused graph
+(a single ``reparam_conv`` with bias); ``fastvit_jax.reparam`` maps variables between the two.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from fastvit_jax.conv import conv2d
+
+Dtype = Any
+
+# PyTorch's default conv / linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def same_padding(kernel_size: int, stride: int = 1) -> int:
+    """timm's symmetric padding ((stride - 1) + (k - 1)) // 2, as in torch_ref."""
+    return ((stride - 1) + (kernel_size - 1)) // 2
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact (erf) GELU like torch.nn.GELU (jax.nn.gelu defaults to the tanh approximation)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class Conv2d(nn.Module):
+    """torch.nn.Conv2d on NHWC: symmetric padding, PyTorch grouping, HWIO kernel."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    groups: int = 1
+    use_bias: bool = False
+    padding: Optional[int] = None  # default: same_padding(kernel_size, stride)
+    kernel_init: Any = torch_default_init
+    bias_init: Optional[Any] = None  # default: PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    lowering: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_chs = x.shape[-1]
+        if in_chs % self.groups or self.features % self.groups:
+            raise ValueError(f"Conv2d: channels in={in_chs}, out={self.features} not divisible by groups={self.groups}")
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, in_chs // self.groups, self.features), self.param_dtype)
+        pad = same_padding(k, self.stride) if self.padding is None else self.padding
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride, padding=pad,
+                   groups=self.groups, lowering=self.lowering)
+        if self.use_bias:
+            fan_in = k * k * in_chs // self.groups
+            bound = 1.0 / fan_in ** 0.5
+            init = self.bias_init or (lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound))
+            y = y + self.param("bias", init, (self.features,), self.param_dtype).astype(self.dtype)
+        return y
+
+
+class BatchNorm(nn.Module):
+    """torch.nn.BatchNorm2d on NHWC (eps 1e-5, momentum 0.1).
+
+    Train: normalizes with the biased batch variance and updates the running variance with
+    the unbiased one, like PyTorch. Statistics are computed in float32 whatever ``dtype``.
+    Under ``jax.jit`` with a batch sharded over devices the statistics are global (sync BN).
+    """
+
+    epsilon: float = 1e-5
+    momentum: float = 0.1  # PyTorch convention: new = (1 - momentum) * old + momentum * batch
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        xf = x.astype(jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xf, axes)
+            var = jnp.mean(jnp.square(xf - mean), axes)
+            if not self.is_initializing():
+                n = x.size // c
+                unbiased = var * (n / max(n - 1, 1))
+                ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+                ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
+        y = xf * mul + (bias.astype(jnp.float32) - mean * mul)
+        return y.astype(self.dtype)
+
+
+class ConvNorm(nn.Module):
+    """conv (no bias) -> BatchNorm (submodules ``conv``, ``bn``)."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    groups: int = 1
+    kernel_init: Any = torch_default_init
+    dtype: Dtype = jnp.float32
+    lowering: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = Conv2d(self.features, self.kernel_size, self.stride, self.groups, kernel_init=self.kernel_init,
+                   dtype=self.dtype, lowering=self.lowering, name="conv")(x)
+        return BatchNorm(dtype=self.dtype, name="bn")(x, train)
+
+
+class LayerScale2d(nn.Module):
+    """x * gamma, gamma of shape (C,) (torch_ref stores (C, 1, 1))."""
+
+    init_value: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],), jnp.float32)
+        return x * gamma.astype(self.dtype)
+
+
+class SqueezeExcite(nn.Module):
+    """Global mean -> 1x1 fc1 (C -> C/16) -> ReLU -> 1x1 fc2 -> sigmoid gate."""
+
+    rd_ratio: float = 0.0625
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
+        s = nn.relu(Conv2d(int(c * self.rd_ratio), 1, use_bias=True, dtype=self.dtype, name="fc1")(s))
+        s = Conv2d(c, 1, use_bias=True, dtype=self.dtype, name="fc2")(s)
+        return x * jax.nn.sigmoid(s)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample; uses the 'dropout' rng, identity when not training."""
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class MobileOneBlock(nn.Module):
+    """MobileOne block: k x k conv-BN branches + 1x1 conv-BN scale branch + BN skip, then SE
+    and activation. ``inference_mode``: a single ``reparam_conv`` with bias."""
+
+    in_chs: int
+    out_chs: int
+    kernel_size: int
+    stride: int = 1
+    groups: int = 1
+    inference_mode: bool = False
+    use_se: bool = False
+    use_act: bool = True
+    use_scale_branch: bool = True
+    num_conv_branches: int = 1
+    dtype: Dtype = jnp.float32
+    lowering: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv_args = dict(stride=self.stride, groups=self.groups, dtype=self.dtype, lowering=self.lowering)
+        if self.inference_mode:
+            out = Conv2d(self.out_chs, self.kernel_size, use_bias=True, name="reparam_conv", **conv_args)(x)
+        else:
+            out = 0.0
+            if self.out_chs == self.in_chs and self.stride == 1:
+                out = BatchNorm(dtype=self.dtype, name="identity")(x, train)
+            if self.kernel_size > 1 and self.use_scale_branch:
+                out = out + ConvNorm(self.out_chs, 1, name="conv_scale", **conv_args)(x, train)
+            for i in range(self.num_conv_branches):
+                out = out + ConvNorm(self.out_chs, self.kernel_size, name=f"conv_kxk_{i}", **conv_args)(x, train)
+        if self.use_se:
+            out = SqueezeExcite(dtype=self.dtype, name="se")(out)
+        return gelu(out) if self.use_act else out
+
+
+class ReparamLargeKernelConv(nn.Module):
+    """Grouped 7x7 conv-BN + grouped 3x3 conv-BN, summed, no activation (spec §2)."""
+
+    in_chs: int
+    out_chs: int
+    kernel_size: int
+    stride: int
+    groups: int
+    small_kernel: Optional[int] = 3
+    inference_mode: bool = False
+    dtype: Dtype = jnp.float32
+    lowering: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv_args = dict(stride=self.stride, groups=self.groups, dtype=self.dtype, lowering=self.lowering)
+        if self.inference_mode:
+            return Conv2d(self.out_chs, self.kernel_size, use_bias=True, name="reparam_conv", **conv_args)(x)
+        out = ConvNorm(self.out_chs, self.kernel_size, name="large_conv", **conv_args)(x, train)
+        if self.small_kernel:
+            out = out + ConvNorm(self.out_chs, self.small_kernel, name="small_conv", **conv_args)(x, train)
+        return out
+
+
+class PatchEmbed(nn.Module):
+    """Downsampling: ReparamLargeKernelConv (``proj_0``) then a 1x1 MobileOneBlock (``proj_1``)."""
+
+    patch_size: int
+    stride: int
+    in_chs: int
+    embed_dim: int
+    inference_mode: bool = False
+    dtype: Dtype = jnp.float32
+    lowering: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = ReparamLargeKernelConv(self.in_chs, self.embed_dim, self.patch_size, self.stride, groups=self.in_chs,
+                                   inference_mode=self.inference_mode, dtype=self.dtype, lowering=self.lowering,
+                                   name="proj_0")(x, train)
+        return MobileOneBlock(self.embed_dim, self.embed_dim, 1, 1, inference_mode=self.inference_mode,
+                              dtype=self.dtype, lowering=self.lowering, name="proj_1")(x, train)
+
+
+class RepMixer(nn.Module):
+    """y = x + ls * (mixer(x) - norm(x)) with depthwise MobileOne blocks; fused: one dw conv."""
+
+    dim: int
+    kernel_size: int = 3
+    layer_scale_init_value: float = 1e-5
+    inference_mode: bool = False
+    dtype: Dtype = jnp.float32
+    lowering: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.inference_mode:
+            return Conv2d(self.dim, self.kernel_size, groups=self.dim, use_bias=True, dtype=self.dtype,
+                          lowering=self.lowering, name="reparam_conv")(x)
+        common = dict(groups=self.dim, use_act=False, dtype=self.dtype, lowering=self.lowering)
+        norm = MobileOneBlock(self.dim, self.dim, self.kernel_size, use_scale_branch=False, num_conv_branches=0,
+                              name="norm", **common)(x, train)
+        mixer = MobileOneBlock(self.dim, self.dim, self.kernel_size, name="mixer", **common)(x, train)
+        return x + LayerScale2d(self.layer_scale_init_value, self.dtype, name="layer_scale")(mixer - norm)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over H*W tokens; head_dim 32; qkv without bias; softmax in float32."""
+
+    dim: int
+    head_dim: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.dim % self.head_dim:
+            raise ValueError(f"attention dim {self.dim} is not divisible by head_dim {self.head_dim}")
+        b, h, w, c = x.shape
+        heads = self.dim // self.head_dim
+        tokens = x.reshape(b, h * w, c)
+        qkv = nn.Dense(3 * self.dim, use_bias=False, kernel_init=trunc_normal_02, dtype=self.dtype, name="qkv")(tokens)
+        qkv = qkv.reshape(b, h * w, 3, heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * self.head_dim ** -0.5, k).astype(jnp.float32)
+        attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, h * w, c)
+        out = nn.Dense(self.dim, kernel_init=trunc_normal_02, dtype=self.dtype, name="proj")(out)
+        return out.reshape(b, h, w, c)
+
+
+class ConvMlp(nn.Module):
+    """ConvFFN: dw 7x7 conv-BN -> 1x1 fc1 -> GELU -> 1x1 fc2 (not fused by reparameterization)."""
+
+    in_chs: int
+    hidden_chs: int
+    drop: float = 0.0
+    dtype: Dtype = jnp.float32
+    lowering: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        conv_args = dict(kernel_init=trunc_normal_02, dtype=self.dtype, lowering=self.lowering)
+        x = ConvNorm(self.in_chs, 7, groups=self.in_chs, name="conv", **conv_args)(x, train)
+        x = Conv2d(self.hidden_chs, 1, use_bias=True, bias_init=nn.initializers.zeros, name="fc1", **conv_args)(x)
+        x = nn.Dropout(self.drop, deterministic=not train)(gelu(x))
+        x = Conv2d(self.in_chs, 1, use_bias=True, bias_init=nn.initializers.zeros, name="fc2", **conv_args)(x)
+        return nn.Dropout(self.drop, deterministic=not train)(x)
+
+
+class RepConditionalPosEnc(nn.Module):
+    """RepCPE: y = dwconv7x7(x) + x (conv with bias); fused: one dw conv."""
+
+    dim: int
+    kernel_size: int = 7
+    inference_mode: bool = False
+    dtype: Dtype = jnp.float32
+    lowering: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        name = "reparam_conv" if self.inference_mode else "pos_enc"
+        y = Conv2d(self.dim, self.kernel_size, groups=self.dim, use_bias=True, dtype=self.dtype,
+                   lowering=self.lowering, name=name)(x)
+        return y if self.inference_mode else y + x
+
+
+class RepMixerBlock(nn.Module):
+    """x = RepMixer(x); x = x + DropPath(ls * ConvMlp(x))."""
+
+    dim: int
+    kernel_size: int = 3
+    mlp_ratio: float = 4.0
+    drop: float = 0.0
+    drop_path: float = 0.0
+    layer_scale_init_value: float = 1e-5
+    inference_mode: bool = False
+    dtype: Dtype = jnp.float32
+    lowering: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = RepMixer(self.dim, self.kernel_size, self.layer_scale_init_value, self.inference_mode, self.dtype,
+                     self.lowering, name="token_mixer")(x, train)
+        y = ConvMlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, self.lowering, name="mlp")(x, train)
+        y = LayerScale2d(self.layer_scale_init_value, self.dtype, name="layer_scale")(y)
+        return x + DropPath(self.drop_path, name="drop_path")(y, train)
+
+
+class AttentionBlock(nn.Module):
+    """x = x + DropPath(ls1 * Attention(BN(x))); x = x + DropPath(ls2 * ConvMlp(x))."""
+
+    dim: int
+    mlp_ratio: float = 4.0
+    drop: float = 0.0
+    drop_path: float = 0.0
+    layer_scale_init_value: float = 1e-5
+    head_dim: int = 32
+    dtype: Dtype = jnp.float32
+    lowering: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        y = BatchNorm(dtype=self.dtype, name="norm")(x, train)
+        y = Attention(self.dim, self.head_dim, self.dtype, name="token_mixer")(y)
+        y = LayerScale2d(self.layer_scale_init_value, self.dtype, name="layer_scale_1")(y)
+        x = x + DropPath(self.drop_path, name="drop_path1")(y, train)
+        y = ConvMlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, self.lowering, name="mlp")(x, train)
+        y = LayerScale2d(self.layer_scale_init_value, self.dtype, name="layer_scale_2")(y)
+        return x + DropPath(self.drop_path, name="drop_path2")(y, train)

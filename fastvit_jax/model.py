@@ -1,0 +1,165 @@
+"""The FastViT network in Flax linen (NHWC), mirroring ``torch_ref/model.py``."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from fastvit_jax.layers import (
+    AttentionBlock,
+    Dtype,
+    MobileOneBlock,
+    PatchEmbed,
+    RepConditionalPosEnc,
+    RepMixerBlock,
+    trunc_normal_02,
+)
+from fastvit_jax.variants import VariantConfig, get_variant
+
+__all__ = ["FastVit", "FastVitStage", "ClassifierHead", "create_model", "drop_path_rates"]
+
+
+def drop_path_rates(depths: Sequence[int], rate: float) -> List[List[float]]:
+    """Per-block linear schedule: block j of N gets rate * j / (N - 1), split per stage."""
+    total = sum(depths)
+    flat = [rate * j / (total - 1) if total > 1 else 0.0 for j in range(total)]
+    out, start = [], 0
+    for d in depths:
+        out.append(flat[start:start + d])
+        start += d
+    return out
+
+
+class FastVitStage(nn.Module):
+    """[PatchEmbed ``downsample``] -> [RepCPE ``pos_emb``] -> ``blocks_0`` ... ``blocks_{depth-1}``."""
+
+    dim: int
+    dim_out: int
+    depth: int
+    token_mixer: str
+    downsample: bool
+    pos_emb: bool
+    mlp_ratio: float
+    kernel_size: int
+    drop_path: Tuple[float, ...]
+    layer_scale_init_value: float
+    drop: float = 0.0
+    head_dim: int = 32
+    inference_mode: bool = False
+    dtype: Dtype = jnp.float32
+    lowering: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        common = dict(dtype=self.dtype, lowering=self.lowering)
+        if self.downsample:
+            x = PatchEmbed(7, 2, self.dim, self.dim_out, self.inference_mode, name="downsample", **common)(x, train)
+        if self.pos_emb:
+            x = RepConditionalPosEnc(self.dim_out, 7, self.inference_mode, name="pos_emb", **common)(x)
+        for i in range(self.depth):
+            if self.token_mixer == "repmixer":
+                block = RepMixerBlock(self.dim_out, self.kernel_size, self.mlp_ratio, self.drop, self.drop_path[i],
+                                      self.layer_scale_init_value, self.inference_mode, name=f"blocks_{i}", **common)
+            elif self.token_mixer == "attention":
+                block = AttentionBlock(self.dim_out, self.mlp_ratio, self.drop, self.drop_path[i],
+                                       self.layer_scale_init_value, self.head_dim, name=f"blocks_{i}", **common)
+            else:
+                raise ValueError(f"unknown token mixer {self.token_mixer!r}; valid: 'repmixer', 'attention'")
+            x = block(x, train)
+        return x
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool -> dropout -> Dense ``fc`` (no fc when num_classes == 0)."""
+
+    num_classes: int
+    drop_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, pre_logits: bool = False) -> jax.Array:
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+        x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+        if pre_logits or self.num_classes == 0:
+            return x
+        return nn.Dense(self.num_classes, kernel_init=trunc_normal_02, dtype=self.dtype, name="fc")(x)
+
+
+class FastVit(nn.Module):
+    """FastViT (Vasu et al., ICCV 2023), Apple's architecture with timm's module names.
+
+    Input: (B, H, W, 3) NHWC, ImageNet-normalized, H and W divisible by 32.
+    Output: (B, num_classes) logits (float32 even with a bfloat16 ``dtype``).
+    """
+
+    cfg: VariantConfig
+    num_classes: int = 1000
+    drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    inference_mode: bool = False
+    layer_scale_init_value: Optional[float] = None
+    dtype: Dtype = jnp.float32
+    lowering: Optional[str] = None
+
+    def setup(self):
+        cfg = self.cfg
+        common = dict(inference_mode=self.inference_mode, dtype=self.dtype, lowering=self.lowering)
+        ls_init = cfg.layer_scale_init if self.layer_scale_init_value is None else self.layer_scale_init_value
+        c0 = cfg.embed_dims[0]
+        # Lists assigned in setup are named stem_0.., stages_0.. (torch: stem.0, stages.0).
+        self.stem = [
+            MobileOneBlock(3, c0, 3, 2, **common),
+            MobileOneBlock(c0, c0, 3, 2, groups=c0, **common),
+            MobileOneBlock(c0, c0, 1, 1, **common),
+        ]
+        dpr = drop_path_rates(cfg.layers, self.drop_path_rate)
+        stages, prev = [], c0
+        for i, (depth, dim) in enumerate(zip(cfg.layers, cfg.embed_dims)):
+            stages.append(FastVitStage(
+                prev, dim, depth, cfg.token_mixers[i], downsample=i > 0 or prev != dim, pos_emb=cfg.pos_emb[i],
+                mlp_ratio=cfg.mlp_ratio, kernel_size=cfg.repmixer_kernel_size, drop_path=tuple(dpr[i]),
+                layer_scale_init_value=ls_init, drop=self.proj_drop_rate, head_dim=cfg.head_dim, **common))
+            prev = dim
+        self.stages = stages
+        self.final_conv = MobileOneBlock(prev, cfg.num_features, 3, 1, groups=prev, use_se=True, **common)
+        self.head = ClassifierHead(self.num_classes, self.drop_rate, self.dtype)
+
+    def forward_stages(self, x: jax.Array, train: bool = False) -> List[jax.Array]:
+        """The four stage outputs, NHWC at strides 4, 8, 16, 32 (the last attention stage included)."""
+        x = x.astype(self.dtype)
+        for block in self.stem:
+            x = block(x, train)
+        feats = []
+        for stage in self.stages:
+            x = stage(x, train)
+            feats.append(x)
+        return feats
+
+    def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """stem -> stages -> final_conv: (B, H/32, W/32, 2*C4)."""
+        return self.final_conv(self.forward_stages(x, train)[-1], train)
+
+    def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False) -> jax.Array:
+        return self.head(x, train, pre_logits)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        return self.forward_head(self.forward_features(x, train), train).astype(jnp.float32)
+
+
+def create_model(variant: str, *, num_classes: int = 1000, inference_mode: bool = False, drop_path_rate: float = 0.0,
+                 dtype: Any = jnp.float32, drop_rate: float = 0.0, lowering: Optional[str] = None,
+                 layer_scale_init_value: Optional[float] = None) -> FastVit:
+    """Build a FastViT variant ('t8' or 'fastvit_t8').
+
+    ``inference_mode=True`` builds the fused graph (the tree ``reparameterize`` produces).
+    ``dtype`` is the compute dtype (params stay float32). ``lowering`` forces the conv
+    lowering ('native' or 'shift'; default: chosen per backend, see ``fastvit_jax.conv``).
+    Raises ValueError naming the valid variants for an unknown name.
+    """
+    return FastVit(get_variant(variant), num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+                   inference_mode=inference_mode, layer_scale_init_value=layer_scale_init_value, dtype=dtype,
+                   lowering=lowering)
