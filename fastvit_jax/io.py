@@ -31,7 +31,8 @@ def flatten_variables(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
                     raise ValueError(f"variable name {k!r} under {prefix!r} contains '/'")
                 walk(f"{prefix}/{k}" if prefix else str(k), v)
         else:
-            flat[prefix] = np.ascontiguousarray(np.asarray(node))
+            arr = np.asarray(node)
+            flat[prefix] = np.ascontiguousarray(arr) if arr.ndim else arr
 
     walk("", variables)
     return flat

@@ -1,0 +1,9 @@
+"""convert: PyTorch <-> Flax checkpoint conversion for FastViT (torch_ref/timm and Apple layouts)."""
+
+from convert.core import (  # noqa: F401
+    ConversionError,
+    ConversionResult,
+    convert_state_dict,
+    load_torch_checkpoint,
+    variables_to_state_dict,
+)

@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Convert Flax FastViT variables back to a PyTorch state_dict.
+
+  python convert/flax2torch.py VARIABLES OUTPUT [--layout timm|apple] [--variant V] [--overwrite]
+
+VARIABLES: a file written by fastvit_jax.save_variables (torch2flax, the trainer's export).
+OUTPUT: .safetensors or .pth / .pth.tar; loads strictly into torch_ref.create_model (layout
+'timm', also timm's FastViT) or Apple's ml-fastvit (layout 'apple'). Fused variables give a
+fused state_dict (torch_ref.create_model(v, inference_mode=True)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: import the package, not the sibling modules
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+    sys.path.insert(0, _root)
+
+from convert.core import ConversionError, save_torch_state_dict, variables_to_state_dict  # noqa: E402
+from convert.layouts import LAYOUTS  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("variables", help="Flax variables file (.safetensors from fastvit_jax.save_variables)")
+    p.add_argument("output", help="PyTorch file to write: .safetensors, .pth or .pth.tar")
+    p.add_argument("--layout", choices=LAYOUTS, default="timm", help="key layout of OUTPUT (default: timm)")
+    p.add_argument("--variant", help="expected variant (t8 ... ma36); checked against the shapes")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from fastvit_jax.io import load_variables
+
+    try:
+        if os.path.exists(args.output) and not args.overwrite:
+            raise ConversionError(f"output {args.output!r} exists; pass --overwrite to replace it")
+        print(f"[1/3] reading {args.variables}", flush=True)
+        try:
+            variables = load_variables(args.variables)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConversionError(str(e)) from None
+        sd, variant, form = variables_to_state_dict(variables, layout=args.layout, variant=args.variant)
+        print(f"[2/3] FastViT-{variant}, {form} form, {len(sd)} tensors in the {args.layout} layout", flush=True)
+        save_torch_state_dict(args.output, sd, overwrite=args.overwrite,
+                              metadata={"variant": variant, "form": form, "layout": args.layout})
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(v.numel() for k, v in sd.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    print(f"[3/3] wrote {args.output}")
+    print(f"summary: variant={variant} layout={args.layout} form={form} params={n:,} file={args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Convert a PyTorch FastViT checkpoint to Flax variables (a .safetensors file of fastvit_jax.io).
+
+  python convert/torch2flax.py CHECKPOINT OUTPUT [--variant V] [--fused] [--ema] [--overwrite]
+
+CHECKPOINT: .pth / .pth.tar (bare, or wrapped in state_dict / model / state_dict_ema; 'module.'
+prefixes stripped) or .safetensors, in the torch_ref/timm layout or Apple's ml-fastvit layout,
+unfused or fused (*_reparam). Layout, form and variant are detected from keys and shapes.
+Bad input: a message naming the problem and exit code 2; OUTPUT is never half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: import the package, not the sibling modules
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+    sys.path.insert(0, _root)
+
+from convert.core import ConversionError, convert_state_dict, load_torch_checkpoint, write_atomically  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="PyTorch checkpoint: .pth, .pth.tar or .safetensors")
+    p.add_argument("output", help="Flax variables file to write (.safetensors, read by fastvit_jax.load_variables)")
+    p.add_argument("--variant", help="expected variant (t8 ... ma36); checked against the shapes")
+    p.add_argument("--fused", action="store_true",
+                   help="write the inference (fused) form; an unfused checkpoint is fused with fastvit_jax.reparameterize")
+    p.add_argument("--ema", action="store_true", help="take state_dict_ema / model_ema when the file has both")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from fastvit_jax.io import save_variables
+
+    try:
+        if os.path.exists(args.output) and not args.overwrite:
+            raise ConversionError(f"output {args.output!r} exists; pass --overwrite to replace it")
+        if not args.output.endswith(".safetensors"):
+            raise ConversionError(f"output {args.output!r}: Flax variables are written as .safetensors")
+        print(f"[1/4] reading {args.checkpoint}", flush=True)
+        sd = load_torch_checkpoint(args.checkpoint, prefer_ema=args.ema)
+        print(f"[2/4] {len(sd)} tensors; detecting layout, form and variant", flush=True)
+        result = convert_state_dict(sd, variant=args.variant, fused=args.fused)
+        print(f"[3/4] {result.layout} layout, {result.source_form} form, FastViT-{result.variant}, "
+              f"{result.num_classes} classes" + ("; fused on the JAX side" if result.form != result.source_form else ""),
+              flush=True)
+        meta = {"variant": result.variant, "form": result.form, "num_classes": str(result.num_classes),
+                "source": os.path.basename(args.checkpoint), "source_layout": result.layout}
+        write_atomically(args.output, lambda tmp: save_variables(tmp, result.variables, meta), args.overwrite)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[4/4] wrote {args.output}")
+    print(f"summary: variant={result.variant} layout={result.layout} form={result.form} "
+          f"params={result.num_params:,} classes={result.num_classes} file={args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
