@@ -25,9 +25,17 @@ class TinyNet(nn.Module):
     dtype: Any = jnp.float32
     inference_mode: bool = False
     width: int = 16
+    nan_after: int = 0  # > 0: logits become NaN from this training step on (NaN tests)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        if self.nan_after:
+            count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.float32))
+            if train and not self.is_initializing():
+                count.value = count.value + 1
+            poison = jnp.where(count.value >= self.nan_after, jnp.nan, 0.0)
+        else:
+            poison = 0.0
         x = x.astype(self.dtype)
         x = nn.Conv(self.width, (3, 3), strides=(2, 2), use_bias=False, dtype=self.dtype, name="stem")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn")(x)
@@ -37,7 +45,7 @@ class TinyNet(nn.Module):
         y = nn.Dropout(self.drop_path_rate)(y, deterministic=not train or self.drop_path_rate == 0)
         x = x + gamma * y
         x = x.mean(axis=(1, 2))
-        return _Head(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+        return _Head(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32) + poison
 
 
 def create_tiny_model(variant="t8", *, num_classes=1000, inference_mode=False, drop_path_rate=0.0,

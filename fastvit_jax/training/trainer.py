@@ -11,6 +11,7 @@ computed over the *global* batch (sync-BN); Apple's PyTorch DDP run normalised p
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -334,6 +335,85 @@ def _export_fused(workdir: str, variables: dict, config: TrainConfig, step: int,
 
 
 # ------------------------------------------------------------------------------------------
+# Model, optimizer and the jitted functions. Cached per (config fields that shape them,
+# mesh), so a restart in the same process (tests, notebooks) reuses the compilations.
+
+_BUILD_FIELDS = (
+    "variant", "num_classes", "drop_path", "image_size", "global_batch_size", "lr", "base_batch_size",
+    "warmup_lr", "min_lr", "weight_decay", "clip_grad", "mixup", "cutmix", "mixup_switch_prob",
+    "label_smoothing", "ema_decay", "fsdp_min_size",
+)
+_BUILD_CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+_BUILD_CACHE_SIZE = 4
+
+
+@dataclasses.dataclass
+class _Built:
+    model: Any
+    tx: Any
+    schedule: Callable
+    abstract: Any
+    shardings: Any
+    repl: Any
+    batch_sharding: Any
+    init_variables: Callable  # rng -> variables (host-side use)
+    init_state: Callable  # rng -> sharded TrainState
+    state_from_variables: Callable  # variables -> sharded TrainState
+    train_step: Callable
+    eval_step: Callable
+
+
+def _build(config: TrainConfig, plan: Plan, mesh, dtype) -> _Built:
+    key = (create_model, str(jnp.dtype(dtype)), plan.schedule_steps, plan.warmup_steps, mesh,
+           *(getattr(config, f) for f in _BUILD_FIELDS))
+    if key in _BUILD_CACHE:
+        _BUILD_CACHE.move_to_end(key)
+        return _BUILD_CACHE[key]
+    model = create_model(config.variant, num_classes=config.num_classes, drop_path_rate=config.drop_path, dtype=dtype)
+    schedule = lr_schedule(
+        config.peak_lr,
+        total_steps=plan.schedule_steps,
+        warmup_steps=plan.warmup_steps,
+        warmup_lr=config.warmup_lr,
+        min_lr=config.min_lr,
+    )
+    tx = make_optimizer(schedule, weight_decay=config.weight_decay, clip_grad=config.clip_grad)
+    x0 = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+
+    def init_variables(r):
+        return _init(model, x0, r)
+
+    abstract = jax.eval_shape(lambda r: create_state(init_variables(r), tx), jax.random.PRNGKey(0))
+    shardings = mesh_lib.state_shardings(mesh, abstract, fsdp_min_size=config.fsdp_min_size)
+    repl = mesh_lib.replicated(mesh)
+    bsh = mesh_lib.batch_sharding(mesh)
+    built = _Built(
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        abstract=abstract,
+        shardings=shardings,
+        repl=repl,
+        batch_sharding=bsh,
+        init_variables=jax.jit(init_variables),
+        init_state=jax.jit(lambda r: create_state(init_variables(r), tx), out_shardings=shardings),
+        state_from_variables=jax.jit(lambda v: create_state(v, tx), out_shardings=shardings),
+        # The step: explicit shardings, the state donated.
+        train_step=jax.jit(
+            make_train_step(model, tx, schedule, config, config.num_classes),
+            in_shardings=(shardings, {"image": bsh, "label": bsh}, repl),
+            out_shardings=(shardings, repl),
+            donate_argnums=(0,),
+        ),
+        eval_step=jax.jit(make_eval_step(model), out_shardings=repl),
+    )
+    _BUILD_CACHE[key] = built
+    while len(_BUILD_CACHE) > _BUILD_CACHE_SIZE:
+        _BUILD_CACHE.popitem(last=False)
+    return built
+
+
+# ------------------------------------------------------------------------------------------
 # Main entry points.
 
 
@@ -367,6 +447,7 @@ def train_and_evaluate(
     """
     from fastvit_jax.data.pipeline import device_prefetch, make_train_dataset
 
+    t_start = time.perf_counter()
     config.validate()
     if config.eval_only:
         return evaluate_checkpoint(config)
@@ -376,32 +457,11 @@ def train_and_evaluate(
     plan = make_plan(config, info.num_train)
     dtype = resolve_dtype(config.dtype)
 
-    model = create_model(
-        config.variant, num_classes=config.num_classes, drop_path_rate=config.drop_path, dtype=dtype
-    )
-    schedule = lr_schedule(
-        config.peak_lr,
-        total_steps=plan.schedule_steps,
-        warmup_steps=plan.warmup_steps,
-        warmup_lr=config.warmup_lr,
-        min_lr=config.min_lr,
-    )
-    tx = make_optimizer(schedule, weight_decay=config.weight_decay, clip_grad=config.clip_grad)
+    b = _build(config, plan, mesh, dtype)
+    shardings, abstract, repl = b.shardings, b.abstract, b.repl
 
     # ---- State: fresh, fine-tuned from --init_from, or resumed; created sharded.
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, base_key = jax.random.split(rng)
-    image_shape = (1, config.image_size, config.image_size, 3)
-
-    def init_variables(r):
-        v = model.init({"params": r}, jnp.zeros(image_shape, jnp.float32), train=False)
-        v = flax.core.unfreeze(v) if isinstance(v, flax.core.FrozenDict) else dict(v)
-        v.setdefault("batch_stats", {})
-        return {"params": v["params"], "batch_stats": v["batch_stats"]}
-
-    abstract = jax.eval_shape(lambda r: create_state(init_variables(r), tx), init_rng)
-    shardings = mesh_lib.state_shardings(mesh, abstract, fsdp_min_size=config.fsdp_min_size)
-    repl = mesh_lib.replicated(mesh)
+    init_rng, base_key = jax.random.split(jax.random.PRNGKey(config.seed))
     checkpointer = ckpt_lib.Checkpointer(config.workdir, max_to_keep=config.keep_checkpoints)
     latest = checkpointer.latest_step()
     resumed_from = None
@@ -413,24 +473,17 @@ def train_and_evaluate(
             log.info("--init_from ignored: resuming from the workdir's checkpoint")
     else:
         if config.init_from:
-            fresh = jax.device_get(jax.jit(init_variables)(init_rng))
+            fresh = jax.device_get(b.init_variables(init_rng))
             merged, notes = merge_pretrained(fresh, load_checkpoint_variables(config.init_from))
             for n in notes:
                 log.warning(n)
-            state = jax.jit(lambda v: create_state(v, tx), out_shardings=shardings)(merged)
+            state = b.state_from_variables(merged)
         else:
-            state = jax.jit(lambda r: create_state(init_variables(r), tx), out_shardings=shardings)(init_rng)
+            state = b.init_state(init_rng)
     start_step = int(jax.device_get(state.step))
+    log.info("state ready at step %d (%.1fs since start)", start_step, time.perf_counter() - t_start)
 
-    # ---- Jitted steps (explicit shardings, donated state).
-    bsh = mesh_lib.batch_sharding(mesh)
-    train_step = jax.jit(
-        make_train_step(model, tx, schedule, config, config.num_classes),
-        in_shardings=(shardings, {"image": bsh, "label": bsh}, repl),
-        out_shardings=(shardings, repl),
-        donate_argnums=(0,),
-    )
-    eval_step = jax.jit(make_eval_step(model), out_shardings=repl)
+    bsh, train_step, eval_step = b.batch_sharding, b.train_step, b.eval_step
     base_key = jax.device_put(base_key, repl)
 
     writer = MetricWriter(config.workdir, enabled=is_main)
@@ -518,6 +571,9 @@ def train_and_evaluate(
                 batch = next(batches)
                 state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]}, base_key)
                 step += 1
+                if step == start_step + 1:
+                    jax.block_until_ready(metrics)
+                    log.info("first step done (compilation included) %.1fs since start", time.perf_counter() - t_start)
                 steps_since[0] += 1
                 pending.append((step, metrics))
                 if pbar is not None:
@@ -552,7 +608,9 @@ def train_and_evaluate(
         return result
 
     # ---- End: evaluate raw and EMA, plot, export the fused EMA weights.
+    log.info("training done %.1fs since start", time.perf_counter() - t_start)
     result["eval"] = do_eval(step)
+    log.info("final eval done %.1fs since start", time.perf_counter() - t_start)
     writer.close()
     if config.plot and is_main:
         result["plot_path"] = plot_curves(config.workdir)
@@ -561,6 +619,7 @@ def train_and_evaluate(
             config.workdir, state.variables(ema=True), config, step,
             {"ema_top1": f"{result['eval']['ema_top1']:.6f}"},
         )
+    log.info("plot/export done %.1fs since start", time.perf_counter() - t_start)
     return result
 
 
@@ -621,7 +680,8 @@ def evaluate_checkpoint(config: TrainConfig) -> Dict[str, float]:
     return m
 
 
-def _init(model, x0):
-    v = model.init({"params": jax.random.PRNGKey(0)}, x0, train=False)
+def _init(model, x0, rng=None):
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    v = model.init({"params": rng}, x0, train=False)
     v = flax.core.unfreeze(v) if isinstance(v, flax.core.FrozenDict) else dict(v)
     return {"params": v["params"], "batch_stats": v.get("batch_stats", {})}

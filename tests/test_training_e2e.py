@@ -1,0 +1,205 @@
+"""End-to-end trainer tests on 8 fake CPU devices, data through the real tfds path.
+
+A tiny ImageNet (16 random JPEGs of 4 classes, 8 val images) is written as the official
+tars and prepared by the real ``imagenet2012`` tfds builder (once per module). FastViT-t8
+trains on it at 32 px with batch 16 (the whole train set each step, so it is learnable in
+a few steps). One uninterrupted 10-step run is shared by several tests; an interrupted and
+resumed run must reproduce its losses. NaN / SIGTERM / config tests use a tiny stand-in
+model so they compile in seconds.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fastvit_jax.training import trainer
+from fastvit_jax.training.config import ConfigMismatchError, TrainConfig
+from fastvit_jax.training.metrics import read_metrics
+
+from test_training_helpers import TinyNet, create_tiny_model  # noqa: E402
+
+pytestmark = pytest.mark.xdist_group("training_e2e")  # one worker: shares fixtures and compilations
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from fastvit_jax.data.demo import make_fake_imagenet
+
+    d = str(tmp_path_factory.mktemp("tfds"))
+    make_fake_imagenet(d, os.path.join(d, "manual"), num_classes_used=4, per_class=4, num_val=8)
+    return d
+
+
+def _config(data_dir, workdir, **kw):
+    base = dict(
+        dataset="imagenet2012", data_dir=data_dir, workdir=str(workdir), global_batch_size=16, image_size=32,
+        num_epochs=None, num_steps=STEPS, warmup_steps=2, lr=0.128,  # peak 2e-3 at batch 16
+        mixup=0.2, cutmix=1.0, randaugment="", reprob=0.0, color_jitter=0.0, rrc_scale=(0.5, 1.0),
+        checkpoint_every=5, log_every=1, eval_batch_size=8, ema_decay=0.9, progress=False,
+    )
+    base.update(kw)
+    return TrainConfig.from_recipe("t8", **base)
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("full")
+    res = trainer.train_and_evaluate(_config(data_dir, wd))
+    return wd, res
+
+
+def test_loss_finite_and_decreasing(full_run):
+    _, res = full_run
+    losses = [res["losses"][s] for s in range(1, STEPS + 1)]
+    assert all(np.isfinite(losses)), losses
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5, losses
+
+
+def test_outputs_written(full_run):
+    wd, res = full_run
+    assert res["final_step"] == STEPS and not res["preempted"]
+    steps = sorted(int(n) for n in os.listdir(os.path.join(wd, "checkpoints")) if n.isdigit())
+    assert steps == [5, 10]  # every 5 steps and at the end
+    cfg = json.load(open(os.path.join(wd, "config.json")))
+    assert cfg["variant"] == "t8" and cfg["num_classes"] == 1000
+    recs = read_metrics(str(wd))
+    assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(1, STEPS + 1))
+    ev = [r for r in recs if r["kind"] == "eval"][-1]
+    for k in ("loss", "top1", "top5", "ema_loss", "ema_top1", "ema_top5"):
+        assert np.isfinite(ev[k]) and (k.endswith("loss") or 0 <= ev[k] <= 1)
+    assert ev["num_examples"] == 8
+    assert os.path.getsize(res["plot_path"]) > 1000
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(wd, "tensorboard")))
+
+
+def test_fused_export_matches_train_form(full_run, data_dir):
+    """The exported fused EMA weights load into inference_mode=True and agree with EMA eval."""
+    import fastvit_jax
+
+    wd, res = full_run
+    fused = fastvit_jax.load_variables(res["export_path"])
+    m = trainer.evaluate_checkpoint(_config(data_dir, os.path.join(wd, "eval_export"),
+                                            init_from=res["export_path"], eval_only=True))
+    assert m["top5"] == pytest.approx(res["eval"]["ema_top5"], abs=1e-6)
+    assert m["loss"] == pytest.approx(res["eval"]["ema_loss"], rel=1e-4, abs=1e-4)
+    assert fastvit_jax.reparameterize(fused)["params"].keys() == fused["params"].keys()  # already fused
+
+
+def test_kill_and_resume_reproduces_losses(full_run, data_dir, tmp_path):
+    _, ref = full_run
+    cfg = _config(data_dir, tmp_path / "resume")
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_7(step, metrics):
+        if step == 7:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        trainer.train_and_evaluate(cfg, step_callback=crash_at_7)
+    assert sorted(int(n) for n in os.listdir(tmp_path / "resume" / "checkpoints") if n.isdigit()) == [5]
+    res = trainer.train_and_evaluate(cfg)
+    assert res["resumed_from"] == 5 and res["final_step"] == STEPS
+    assert sorted(res["losses"]) == list(range(6, STEPS + 1))
+    for s in range(6, STEPS + 1):
+        assert res["losses"][s] == pytest.approx(ref["losses"][s], rel=1e-5, abs=1e-5), s
+    assert res["eval"]["ema_loss"] == pytest.approx(ref["eval"]["ema_loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- tiny-model tests
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setattr(trainer, "create_model", create_tiny_model)
+
+
+def test_sigterm_saves_and_stops(tiny, data_dir, tmp_path):
+    cfg = _config(data_dir, tmp_path / "wd", checkpoint_every=100)
+
+    def term_at_3(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler sets a flag
+
+    res = trainer.train_and_evaluate(cfg, step_callback=term_at_3)
+    assert res["preempted"] and res["final_step"] == 3
+    assert sorted(int(n) for n in os.listdir(tmp_path / "wd" / "checkpoints") if n.isdigit()) == [3]
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.default_int_handler) or callable(
+        signal.getsignal(signal.SIGTERM))
+    res2 = trainer.train_and_evaluate(cfg.replace(export=False))
+    assert res2["resumed_from"] == 3 and res2["final_step"] == STEPS
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(monkeypatch, data_dir, tmp_path):
+    monkeypatch.setattr(trainer, "create_model",
+                        lambda v, *, num_classes, drop_path_rate, dtype, **kw: TinyNet(num_classes=num_classes, nan_after=3))
+    cfg = _config(data_dir, tmp_path / "wd", checkpoint_every=2, log_every=5)
+    with pytest.raises(trainer.NonFiniteLossError) as e:
+        trainer.train_and_evaluate(cfg)
+    assert e.value.step == 3 and e.value.last_checkpoint == 2
+    assert "step 3" in str(e.value)
+    assert sorted(int(n) for n in os.listdir(tmp_path / "wd" / "checkpoints") if n.isdigit()) == [2]
+
+
+def test_wrong_config_workdir_refused(tiny, data_dir, tmp_path):
+    cfg = _config(data_dir, tmp_path / "wd", num_steps=2, export=False)
+    trainer.train_and_evaluate(cfg)
+    with pytest.raises(ConfigMismatchError, match="image_size: workdir has 32, this run has 48"):
+        trainer.train_and_evaluate(cfg.replace(image_size=48))
+    with pytest.raises(ConfigMismatchError, match="variant"):
+        trainer.train_and_evaluate(cfg.replace(variant="sa12"))
+
+
+def test_missing_dataset_message(tmp_path):
+    from fastvit_jax.data.pipeline import DatasetNotFoundError
+
+    cfg = TrainConfig.from_recipe("t8", dataset="imagenet2012", data_dir=str(tmp_path), workdir=str(tmp_path / "w"),
+                                  progress=False)
+    with pytest.raises(DatasetNotFoundError, match="ILSVRC2012_img_train.tar"):
+        trainer.train_and_evaluate(cfg)
+
+
+def test_cli_missing_dataset_exit_code_and_help(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train_tpu.py"), "--variant", "t8", "--data_dir",
+                        str(tmp_path), "--workdir", str(tmp_path / "w")], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "not available" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train_tpu.py"), "--help"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 0
+    for flag in ("--variant", "--dataset", "--mesh", "--init_from", "--eval_only", "--mixup", "--ema_decay"):
+        assert flag in r.stdout
+
+
+@pytest.mark.slow
+def test_cli_sigterm_subprocess(data_dir, tmp_path):
+    """The real CLI, killed with SIGTERM mid-run, saves a checkpoint and exits 0."""
+    import time
+
+    wd = tmp_path / "wd"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    cmd = [sys.executable, os.path.join(REPO, "train_tpu.py"), "--variant", "t8", "--dataset", "imagenet2012",
+           "--data_dir", data_dir, "--workdir", str(wd), "--global_batch_size", "16", "--image_size", "32",
+           "--num_steps", "100000", "--checkpoint_every", "100000", "--log_every", "1", "--no_progress"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        recs = read_metrics(str(wd))
+        if any(r["kind"] == "train" and r["step"] >= 2 for r in recs):
+            break
+        time.sleep(1)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    steps = [int(n) for n in os.listdir(wd / "checkpoints") if n.isdigit()]
+    assert len(steps) == 1 and steps[0] >= 2
+    assert "preempted" in (out + err)
