@@ -1,0 +1,153 @@
+"""Params / GMACs of the seven variants: XLA cost analysis beside Apple's code and the paper.
+
+GMACs = ``jax.jit(apply).lower(...).compile().cost_analysis()['flops'] / 2`` for one 256x256
+image, with the 'native' conv lowering (the 'shift' lowering turns depthwise convs into
+elementwise multiply-adds, which cost analysis counts differently). XLA counts every
+floating-point op (adds of residuals/biases, GELU's polynomial, softmax, BN in the unfused
+graph...), while the official numbers count only conv/linear multiply-accumulates, so XLA's
+figure is an upper bound of the official one. The "conv+dot" column counts only the
+multiply-accumulates of ``conv_general_dilated`` / ``dot_general`` in the jaxpr (no compile). Params: leaves of the Flax ``params`` collection
+(BatchNorm running statistics excluded, as in PyTorch's ``parameters()``).
+
+    python -m benchmarks.flops --variants t8 t12 s12 sa12 sa24 sa36 ma36
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from benchmarks import common
+
+
+def jaxpr_macs(fn, *args) -> int:
+    """Multiply-accumulates of the conv_general_dilated and dot_general ops of ``fn(*args)`` only
+    (what the official counts measure), walking the jaxpr and its sub-jaxprs."""
+    import jax
+    import numpy as np
+
+    def walk(jaxpr) -> int:
+        total = 0
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name == "conv_general_dilated":
+                out = eqn.outvars[0].aval.shape
+                rhs = eqn.invars[1].aval.shape
+                dn = eqn.params["dimension_numbers"]
+                out_feat = rhs[dn.rhs_spec[0]]
+                total += int(np.prod(out)) * int(np.prod(rhs)) // out_feat
+            elif name == "dot_general":
+                out = eqn.outvars[0].aval.shape
+                (lc, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval.shape
+                total += int(np.prod(out)) * int(np.prod([lhs[d] for d in lc]))
+            for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else _subjaxprs(eqn):
+                total += walk(sub)
+        return total
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _subjaxprs(eqn):
+    for v in eqn.params.values():
+        for item in (v if isinstance(v, (list, tuple)) else [v]):
+            if hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+                yield item.jaxpr
+            elif hasattr(item, "eqns"):
+                yield item
+
+
+def count_variant(variant: str, image_size: int = 256, forms: Sequence[str] = ("unfused", "fused"),
+                  lowering: str = "native") -> Dict[str, Any]:
+    """{'params': {form: n}, 'gmacs': {form: g}, 'flops_per_image': {form: flops}} for one image."""
+    import jax
+    import jax.numpy as jnp
+
+    import fastvit_jax
+
+    out: Dict[str, Any] = {"variant": variant, "image_size": image_size, "params": {}, "gmacs": {},
+                           "flops_per_image": {}, "count_s": {}}
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    for form in forms:
+        model = fastvit_jax.create_model(variant, inference_mode=form == "fused", lowering=lowering)
+        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+        out["params"][form] = common.param_count(shapes["params"])
+        t0 = time.perf_counter()
+        ca = jax.jit(lambda v, xx: model.apply(v, xx, train=False)).lower(shapes, x).compile().cost_analysis()
+        if isinstance(ca, (list, tuple)):  # older jax
+            ca = ca[0]
+        flops = float(ca["flops"])
+        out["flops_per_image"][form] = flops
+        out["gmacs"][form] = flops / 2 / 1e9
+        out["count_s"][form] = time.perf_counter() - t0
+        out.setdefault("conv_dot_gmacs", {})[form] = jaxpr_macs(
+            lambda v, xx: model.apply(v, xx, train=False), shapes, x) / 1e9
+    return out
+
+
+def run_flops(variants: Sequence[str] = ("t8", "t12", "s12", "sa12", "sa24", "sa36", "ma36"),
+              image_size: int = 256) -> Dict[str, Any]:
+    from fastvit_jax.variants import OFFICIAL_GMACS, OFFICIAL_PARAM_COUNTS, PAPER_NUMBERS
+
+    rows: List[Dict[str, Any]] = []
+    for v in variants:
+        common.log(f"[flops] {v}")
+        c = count_variant(v, image_size)
+        rows.append({
+            "variant": v, "image_size": image_size,
+            "params_unfused": c["params"]["unfused"], "params_fused": c["params"]["fused"],
+            "official_params_unfused": OFFICIAL_PARAM_COUNTS[v][0], "official_params_fused": OFFICIAL_PARAM_COUNTS[v][1],
+            "paper_params_m": PAPER_NUMBERS[v][0],
+            "xla_gmacs_unfused": c["gmacs"]["unfused"], "xla_gmacs_fused": c["gmacs"]["fused"],
+            "conv_dot_gmacs_unfused": c["conv_dot_gmacs"]["unfused"], "conv_dot_gmacs_fused": c["conv_dot_gmacs"]["fused"],
+            "official_gmacs_unfused": OFFICIAL_GMACS[v][0], "official_gmacs_fused": OFFICIAL_GMACS[v][1],
+            "paper_gmacs": PAPER_NUMBERS[v][1], "paper_top1": PAPER_NUMBERS[v][2],
+            "flops_per_image_unfused": c["flops_per_image"]["unfused"],
+            "flops_per_image_fused": c["flops_per_image"]["fused"],
+        })
+    return {"rows": rows, "settings": {"image_size": image_size, "lowering": "native",
+                                       "method": "compile().cost_analysis()['flops'] / 2, batch 1"}}
+
+
+def flops_lookup(result: Optional[Dict[str, Any]]) -> Dict:
+    """{(variant, form): GFLOP per image} for MFU in the other benchmarks."""
+    out = {}
+    for r in (result or {}).get("rows", []):
+        out[(r["variant"], "fused")] = r["flops_per_image_fused"] / 1e9
+        out[(r["variant"], "unfused")] = r["flops_per_image_unfused"] / 1e9
+    return out
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    rows = []
+    for r in result["rows"]:
+        rows.append([
+            r["variant"],
+            f"{r['params_unfused'] / 1e6:.3f} / {r['params_fused'] / 1e6:.3f}",
+            f"{r['official_params_unfused'] / 1e6:.3f} / {r['official_params_fused'] / 1e6:.3f}",
+            "✓" if (r["params_unfused"], r["params_fused"]) == (r["official_params_unfused"],
+                                                                  r["official_params_fused"]) else "✗",
+            f"{r['paper_params_m']:.1f}",
+            f"{r['xla_gmacs_unfused']:.3f} / {r['xla_gmacs_fused']:.3f}",
+            f"{r['conv_dot_gmacs_unfused']:.3f} / {r['conv_dot_gmacs_fused']:.3f}",
+            f"{r['official_gmacs_unfused']:.3f} / {r['official_gmacs_fused']:.3f}",
+            f"{r['paper_gmacs']:.1f}", f"{r['paper_top1']:.1f}",
+        ])
+    head = ["variant", "params M (ours: train / fused)", "official code", "exact", "paper M",
+            f"GMACs XLA cost analysis @{result['settings']['image_size']} (train / fused)",
+            "conv+dot GMACs (jaxpr)", "official GMACs", "paper GMACs",
+            "paper top-1"]
+    return common.markdown_table(head, rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=["t8", "t12", "s12", "sa12", "sa24", "sa36", "ma36"])
+    p.add_argument("--image_size", type=int, default=256)
+    args = p.parse_args(argv)
+    print(markdown(run_flops(args.variants, args.image_size)))
+
+
+if __name__ == "__main__":
+    main()
