@@ -110,9 +110,9 @@ def config_from_args(args: argparse.Namespace):
     if isinstance(kw.get("randaugment"), str) and kw["randaugment"].lower() in ("none", "", "off"):
         kw["randaugment"] = ""
     variant = kw.pop("variant")
-    cfg = TrainConfig.from_recipe(variant, **kw)
     if args.num_steps is not None and args.num_epochs is None:
-        cfg = cfg.replace(num_epochs=None)  # the schedule follows --num_steps
+        kw["num_epochs"] = None  # the schedule follows --num_steps
+    cfg = TrainConfig.from_recipe(variant, **kw)
     return cfg.replace(
         eval_only=args.eval_only,
         export=not args.no_export,

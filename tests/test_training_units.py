@@ -41,9 +41,10 @@ def test_recipe_defaults_and_overrides():
     assert c.lr == 1e-3 and c.weight_decay == 0.05 and c.warmup_epochs == 5 and c.ema_decay == 0.9995
     assert c.label_smoothing == 0.1 and c.min_lr == 1e-5 and c.warmup_lr == 1e-6 and c.num_epochs == 300
     assert TrainConfig.from_recipe("ma36").mixup == 0.8 and TrainConfig.from_recipe("ma36").drop_path == 0.35
-    c2 = TrainConfig.from_recipe("t8", global_batch_size=256, mixup=0.0, lr=None)
+    c2 = TrainConfig.from_recipe("t8", global_batch_size=256, mixup=0.0)
     assert c2.peak_lr == pytest.approx(2.5e-4) and c2.mixup == 0.0 and c2.lr == 1e-3
     assert TrainConfig.from_json(c2.to_json()) == c2
+    assert TrainConfig.from_recipe("t8", num_epochs=None, num_steps=5).num_epochs is None
     with pytest.raises(ValueError, match="unknown TrainConfig"):
         TrainConfig.from_recipe("t8", nonsense=1)
     with pytest.raises(ValueError, match="unknown FastViT variant"):

@@ -113,7 +113,8 @@ class TrainConfig:
     # ----------------------------------------------------------------------------------
     @classmethod
     def from_recipe(cls, variant: str, **overrides: Any) -> "TrainConfig":
-        """Apple's recipe for ``variant`` with ``overrides`` applied (None values ignored)."""
+        """Apple's recipe for ``variant`` with ``overrides`` applied (None is applied too:
+        ``num_epochs=None`` means the schedule follows ``num_steps``)."""
         name = canonical_name(variant)
         r = recipe_for(name)
         cfg = cls(
@@ -141,10 +142,10 @@ class TrainConfig:
         unknown = set(overrides) - known
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        updates = {k: v for k, v in overrides.items() if v is not None}
+        updates = dict(overrides)
         if "variant" in updates:
             updates["variant"] = canonical_name(updates["variant"])
-        if "rrc_scale" in updates:
+        if updates.get("rrc_scale") is not None:
             updates["rrc_scale"] = tuple(updates["rrc_scale"])
         return dataclasses.replace(cfg, **updates)
 

@@ -443,7 +443,8 @@ def train_and_evaluate(
     """Trains (resuming from ``<workdir>/checkpoints`` if present), evaluates, exports.
 
     Returns a summary dict: final_step, losses ({step: loss} seen by this process in this
-    call), eval (final metrics), preempted, export_path, plot_path, resumed_from.
+    call), eval (final metrics), preempted, export_path, plot_path, resumed_from, state
+    (the final TrainState), model (the train-form linen module), mesh.
     """
     from fastvit_jax.data.pipeline import device_prefetch, make_train_dataset
 
@@ -497,6 +498,8 @@ def train_and_evaluate(
         "workdir": os.path.abspath(config.workdir),
         "config": config,
         "plan": plan,
+        "model": b.model,
+        "mesh": mesh,
     }
 
     def do_eval(step):
@@ -571,10 +574,12 @@ def train_and_evaluate(
                 batch = next(batches)
                 state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]}, base_key)
                 step += 1
-                if step == start_step + 1:
+                if step == start_step + 1:  # compilation: keep it out of img/s
                     jax.block_until_ready(metrics)
                     log.info("first step done (compilation included) %.1fs since start", time.perf_counter() - t_start)
-                steps_since[0] += 1
+                    t_last[0] = time.perf_counter()
+                else:
+                    steps_since[0] += 1
                 pending.append((step, metrics))
                 if pbar is not None:
                     pbar.update(1)
@@ -584,7 +589,8 @@ def train_and_evaluate(
                     step_callback(step, metrics)
                 if step % config.checkpoint_every == 0 or step == plan.total_steps:
                     save(step)
-                if sigterm.is_set():
+                # Multi-host: agreeing on the flag is a collective, so only every log_every steps.
+                if (jax.process_count() == 1 or step % config.log_every == 0) and sigterm.is_set():
                     save(step)
                     checkpointer.wait()
                     result["preempted"] = True
@@ -603,6 +609,7 @@ def train_and_evaluate(
         checkpointer.close()
 
     result["final_step"] = step
+    result["state"] = state
     if result["preempted"]:
         writer.close()
         return result
