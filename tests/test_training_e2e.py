@@ -157,6 +157,26 @@ def test_wrong_config_workdir_refused(tiny, data_dir, tmp_path):
         trainer.train_and_evaluate(cfg.replace(variant="sa12"))
 
 
+def test_init_from_new_head_and_eval_only_workdir(tiny, data_dir, tmp_path):
+    """Fine-tune from a 10-class safetensors file into the 1000-class dataset: body loaded,
+    head new; then --eval_only on the trainer workdir reports raw and EMA metrics."""
+    import jax
+    import jax.numpy as jnp
+
+    import fastvit_jax
+
+    src = TinyNet(num_classes=10).init({"params": jax.random.PRNGKey(7)}, jnp.zeros((1, 32, 32, 3)), train=False)
+    path = fastvit_jax.save_variables(str(tmp_path / "pre.safetensors"), jax.device_get(src))
+    cfg = _config(data_dir, tmp_path / "ft", init_from=path, num_steps=1, export=False, plot=False)
+    res = trainer.train_and_evaluate(cfg)
+    st = jax.device_get(res["state"])
+    assert st.params["head"]["fc"]["kernel"].shape == (16, 1000)
+    # one AdamW step moves weights by ~lr; the loaded body is still close to the file's
+    np.testing.assert_allclose(st.params["mix"]["kernel"], np.asarray(src["params"]["mix"]["kernel"]), atol=5e-3)
+    m = trainer.evaluate_checkpoint(cfg.replace(eval_only=True, init_from=str(tmp_path / "ft")))
+    assert {"top1", "ema_top1", "loss", "ema_loss"} <= set(m) and m["num_examples"] == 8
+
+
 def test_missing_dataset_message(tmp_path):
     from fastvit_jax.data.pipeline import DatasetNotFoundError
 

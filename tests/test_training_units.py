@@ -256,3 +256,21 @@ def test_merge_pretrained_new_head_and_mismatch(tiny_variables):
 def test_nonfinite_error_message():
     e = NonFiniteLossError(17, float("nan"), 10)
     assert "step 17" in str(e) and "Last good checkpoint: step 10" in str(e)
+
+
+def test_cli_flags_to_config():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_tpu", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_tpu.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = cli.build_parser().parse_args(
+        ["--variant", "sa24", "--num_steps", "100", "--mesh", "data:-1,fsdp:4", "--mixup", "0", "--lr", "2e-3",
+         "--randaugment", "none", "--rrc_scale", "0.2", "1.0", "--no_export", "--eval_every", "10"])
+    c = cli.config_from_args(args)
+    assert c.variant == "sa24" and c.drop_path == 0.1 and c.num_steps == 100 and c.num_epochs is None
+    assert c.mesh == "data:-1,fsdp:4" and c.mixup == 0.0 and c.cutmix == 1.0 and c.lr == 2e-3
+    assert c.randaugment == "" and c.rrc_scale == (0.2, 1.0) and not c.export and c.eval_every == 10
+    c = cli.config_from_args(cli.build_parser().parse_args(["--num_epochs", "30"]))
+    assert c.num_epochs == 30 and c.num_steps is None and c.dataset == "imagenet2012" and c.image_size == 256
