@@ -1,0 +1,143 @@
+"""Smoke test of the benchmark suite at tiny sizes (t8, batch 1, 64 px, 1 repeat).
+
+Checks the structure of the JSON report and of the Markdown tables, never timing values.
+Also checks that the two conv lowerings of ``fastvit_jax.conv`` agree on every conv shape
+FastViT uses (the benchmarks rely on the CPU-only 'shift' lowering).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.xdist_group("benchmarks")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    from benchmarks import run
+
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "report.json"
+    args = ["--quick", "--variants", "t8", "--train_variants", "t8", "--batch_sizes", "1", "--image_size", "64",
+            "--repeats", "1", "--flops_variants", "t8", "--profile_variants", "t8", "--profile_batch", "1",
+            "--pipeline_batch", "2", "--pipeline_chunks", "1", "--pipeline_threads", "1", "--out", str(out),
+            # 'native' compiles the train step ~3x faster than the CPU default 'shift' (speed is not tested here)
+            "--lowering", "native",
+            "--data_dir", str(tmp / "tfds")]
+    rep = run.main(args)
+    return rep, json.loads(out.read_text()), run.to_markdown(rep)
+
+
+def test_report_json_structure(report):
+    rep, js, _ = report
+    assert js["mode"] == "quick"
+    m = js["machine"]
+    for key in ("cpu_model", "cpu_cores", "jax", "torch", "flax", "date", "xla_cpu_threads", "torch_threads"):
+        assert key in m, key
+    assert set(js["sections"]) == {"flops", "inference", "profile", "train", "pipeline"}
+    for sec in js["sections"].values():
+        assert "load_average" in sec and "wall_s" in sec
+
+
+def test_inference_rows(report):
+    inf = report[1]["sections"]["inference"]
+    impls = {(r["impl"], r["form"]) for r in inf["rows"]}
+    assert impls >= {(i, f) for i in ("jax", "torch_nchw", "torch_cl") for f in ("fused", "unfused")}
+    for r in inf["rows"]:
+        assert r["img_s"] > 0 and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        if r["impl"] == "jax":
+            assert r["compile_s"] > 0
+            assert r["max_rel_err_vs_torch"] < 1e-3  # same weights in both frameworks
+    fused = [s for s in inf["summary"] if s["form"] == "fused"]
+    assert fused and all("fused_speedup_jax" in s and "jax_over_torch" in s for s in fused)
+
+
+def test_train_rows(report):
+    tr = report[1]["sections"]["train"]
+    (s,) = tr["summary"]
+    assert s["jax_img_s"] > 0 and s["jax_compile_s"] > 0
+    losses = s["first_step_loss"]
+    # same weights, same batch: the first-step losses agree across frameworks
+    assert max(losses.values()) - min(losses.values()) < 1e-3 * max(1.0, abs(losses["jax"]))
+    jax_row = next(r for r in tr["rows"] if r["impl"] == "jax")
+    assert "peak_rss_mib" in jax_row["memory"] and "xla_temp_mib" in jax_row["memory"]
+
+
+def test_flops_and_pipeline_rows(report):
+    js = report[1]
+    (f,) = js["sections"]["flops"]["rows"]
+    assert f["params_unfused"] == f["official_params_unfused"] and f["params_fused"] == f["official_params_fused"]
+    assert f["xla_gmacs_fused"] > 0 and f["conv_dot_gmacs_fused"] > 0
+    pipe = js["sections"]["pipeline"]
+    assert {r["threads"] for r in pipe["rows"]} >= {1}
+    assert all(r["per_core_img_s"] > 0 for r in pipe["rows"])
+    assert any(n["variant"] == "t8" and n["cores"] > 0 for n in pipe["cores_needed"])
+
+
+def test_markdown_tables(report):
+    md = report[2]
+    for title in ("Inference", "Training step", "Per-block profile", "Input pipeline", "Params / GMACs"):
+        assert f"#### {title}" in md
+    tables = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert len(tables) > 10
+    # every table row has as many cells as its header
+    block = []
+    for ln in md.splitlines() + [""]:
+        if ln.startswith("|"):
+            block.append(ln.count("|"))
+        elif block:
+            assert len(set(block)) == 1, block
+            block = []
+
+
+def test_conv_macs_match_official_t8():
+    import jax
+    import jax.numpy as jnp
+
+    import fastvit_jax
+    from benchmarks.flops import jaxpr_macs
+    from fastvit_jax.variants import OFFICIAL_GMACS
+
+    for fused, official in ((False, OFFICIAL_GMACS["t8"][0]), (True, OFFICIAL_GMACS["t8"][1])):
+        model = fastvit_jax.create_model("t8", inference_mode=fused, lowering="native")
+        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+        x = jax.ShapeDtypeStruct((1, 256, 256, 3), jnp.float32)
+        gmacs = jaxpr_macs(lambda v, xx: model.apply(v, xx), shapes, x) / 1e9
+        assert abs(gmacs - official) < 0.0015, (fused, gmacs, official)
+
+
+# (x shape, kernel shape, stride, padding, groups): every conv in FastViT, at small spatial sizes
+CONV_CASES = [
+    ((2, 16, 16, 3), (3, 3, 3, 8), 2, 1, 1),      # stem dense 3x3 s2
+    ((2, 16, 16, 3), (1, 1, 3, 8), 2, 0, 1),      # stem conv_scale 1x1 s2
+    ((2, 16, 16, 8), (3, 3, 1, 8), 2, 1, 8),      # stem dw 3x3 s2
+    ((2, 8, 8, 8), (1, 1, 8, 8), 1, 0, 1),        # 1x1
+    ((2, 8, 8, 8), (3, 3, 1, 8), 1, 1, 8),        # RepMixer dw 3x3
+    ((2, 8, 8, 8), (7, 7, 1, 8), 1, 3, 8),        # ConvMlp / RepCPE dw 7x7
+    ((2, 8, 8, 8), (7, 7, 1, 16), 2, 3, 8),       # PatchEmbed dw 7x7 s2, channel multiplier 2
+    ((2, 8, 8, 8), (3, 3, 1, 16), 2, 1, 8),       # PatchEmbed small 3x3 s2, multiplier 2
+    ((2, 9, 7, 8), (7, 7, 1, 16), 2, 3, 8),       # odd sizes
+    ((2, 4, 4, 8), (3, 3, 1, 16), 1, 1, 8),       # final_conv dw 3x3, multiplier 2
+    ((2, 4, 4, 8), (1, 1, 8, 2), 1, 0, 1),        # SE fc
+]
+
+
+@pytest.mark.parametrize("xs,ks,stride,padding,groups", CONV_CASES)
+def test_conv_lowerings_agree(xs, ks, stride, padding, groups):
+    import jax
+    import jax.numpy as jnp
+
+    from fastvit_jax.conv import conv2d
+
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.randn(*xs).astype(np.float32))
+    k = jnp.asarray(rs.randn(*ks).astype(np.float32))
+    def f(low):
+        return np.asarray(jax.jit(lambda a, b: conv2d(a, b, stride=stride, padding=padding, groups=groups,
+                                                      lowering=low))(x, k))
+
+    a, b = f("native"), f("shift")
+    assert a.shape == b.shape
+    np.testing.assert_allclose(b, a, atol=1e-5 * max(1.0, float(np.abs(a).max())), rtol=0)
