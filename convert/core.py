@@ -144,7 +144,10 @@ def detect_variant(shapes: Mapping[str, Tuple[int, ...]], fused: bool, variant: 
     exact = [v for v, r in results.items() if r.count == 0]
     form = "fused" if fused else "train"
     if variant is not None:
-        want = canonical_name(variant)
+        try:
+            want = canonical_name(variant)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
         if results[want].count == 0:
             return want
         if exact:

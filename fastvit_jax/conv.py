@@ -35,7 +35,8 @@ def conv2d_native(x: jax.Array, kernel: jax.Array, stride: int, padding: int, gr
     """``lax.conv_general_dilated`` with explicit symmetric padding (never 'SAME')."""
     return lax.conv_general_dilated(
         x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+        preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def conv2d_shift(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
@@ -43,7 +44,8 @@ def conv2d_shift(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> 
     multiplier) as a sum of kh*kw shifted, strided multiply-adds.
 
     x: (B, H, W, C); kernel: (kh, kw, 1, C * m). Output channel o reads input channel o // m,
-    which is PyTorch's grouping for groups == C.
+    which is PyTorch's grouping for groups == C. Accumulates in float32 (bfloat16 inputs
+    would otherwise round after each of the k*k adds).
     """
     kh, kw, _, out_ch = kernel.shape
     multiplier = out_ch // x.shape[-1]
@@ -58,16 +60,16 @@ def conv2d_shift(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> 
         for j in range(kw):
             tap = lax.slice(x, (0, i, j, 0), (b, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
                             (1, stride, stride, 1))
-            term = tap * kernel[i, j, 0]
+            term = tap.astype(jnp.float32) * kernel[i, j, 0].astype(jnp.float32)
             out = term if out is None else out + term
-    return out
+    return out.astype(x.dtype)
 
 
 def conv2d_pointwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """A dense 1x1 conv as a matmul over channels."""
     if stride > 1:
         x = x[:, ::stride, ::stride, :]
-    return jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0])
+    return jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0], preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0, groups: int = 1,

@@ -262,11 +262,14 @@ class RepMixer(nn.Module):
         if self.inference_mode:
             return Conv2d(self.dim, self.kernel_size, groups=self.dim, use_bias=True, dtype=self.dtype,
                           lowering=self.lowering, name="reparam_conv")(x)
-        common = dict(groups=self.dim, use_act=False, dtype=self.dtype, lowering=self.lowering)
+        # mixer(x) - norm(x) cancels most of both terms: computed in float32 so that a
+        # bfloat16 run does not lose the small difference (the fused form is one conv).
+        common = dict(groups=self.dim, use_act=False, dtype=jnp.float32, lowering=self.lowering)
         norm = MobileOneBlock(self.dim, self.dim, self.kernel_size, use_scale_branch=False, num_conv_branches=0,
                               name="norm", **common)(x, train)
         mixer = MobileOneBlock(self.dim, self.dim, self.kernel_size, name="mixer", **common)(x, train)
-        return x + LayerScale2d(self.layer_scale_init_value, self.dtype, name="layer_scale")(mixer - norm)
+        delta = LayerScale2d(self.layer_scale_init_value, jnp.float32, name="layer_scale")(mixer - norm)
+        return x.astype(jnp.float32) + delta  # the residual stream stays float32
 
 
 class Attention(nn.Module):

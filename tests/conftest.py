@@ -17,3 +17,11 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tmp_session_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("session")
+
+
+def pytest_configure(config):
+    """A persistent XLA compilation cache shared by the xdist workers and trainer subprocesses."""
+    cache = os.environ.setdefault(
+        "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+    os.makedirs(cache, exist_ok=True)

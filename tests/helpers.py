@@ -1,0 +1,57 @@
+"""Shared, cached builders for the parity tests (one build / one compile per variant and form)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import torch
+
+import fastvit_jax
+import torch_ref
+from torch_ref.testing import make_nontrivial
+
+SMALL = ("t8", "t12", "s12", "sa12")
+BIG = ("sa24", "sa36", "ma36")
+
+
+@functools.lru_cache(maxsize=None)
+def torch_model(variant: str) -> torch.nn.Module:
+    """A calibrated, non-trivial train-form torch_ref model (eval mode), one per variant."""
+    torch.manual_seed(0)
+    return make_nontrivial(torch_ref.create_model(variant), seed=1, image_size=128, batch=4)
+
+
+@functools.lru_cache(maxsize=None)
+def torch_fused(variant: str) -> torch.nn.Module:
+    return torch_ref.reparameterize_model(torch_model(variant))
+
+
+@functools.lru_cache(maxsize=None)
+def jax_apply(variant: str, fused: bool, lowering: str | None = None):
+    """jit(model.apply) in eval mode; compiled once per input shape."""
+    model = fastvit_jax.create_model(variant, inference_mode=fused, lowering=lowering)
+    return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+
+def images(shape, seed: int) -> np.ndarray:
+    """ImageNet-normalized-like NCHW float32 input."""
+    return np.random.RandomState(seed).randn(*shape).astype(np.float32)
+
+
+def torch_logits(model: torch.nn.Module, x_nchw: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x_nchw)).numpy()
+
+
+def jax_logits(variant: str, fused: bool, variables, x_nchw: np.ndarray) -> np.ndarray:
+    return np.asarray(jax_apply(variant, fused)(variables, x_nchw.transpose(0, 2, 3, 1)))
+
+
+def assert_parity(out: np.ndarray, ref: np.ndarray, tol: float = 1e-5, what: str = "") -> float:
+    """max |out - ref| / max |ref| <= tol and identical top-1; returns the error."""
+    err = float(np.abs(out.astype(np.float64) - ref).max() / np.abs(ref).max())
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
+    assert (out.argmax(-1) == ref.argmax(-1)).all(), f"{what}: top-1 differs"
+    return err

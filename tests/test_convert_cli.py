@@ -1,0 +1,211 @@
+"""convert/torch2flax.py and convert/flax2torch.py: happy paths and every bad input.
+
+Each bad input must print one message naming the problem, exit with status 2, and leave
+no OUTPUT (and no temporary file) behind.
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import torch_ref
+from convert import flax2torch, torch2flax
+from convert.layouts import timm_to_apple
+from fastvit_jax.io import load_metadata, load_variables
+from fastvit_jax.variants import get_variant
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def t8_sd():
+    torch.manual_seed(0)
+    return torch_ref.create_model("t8").state_dict()
+
+
+def _run(main, argv, capsys):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _assert_refused(tmp_path, rc, err, *fragments, output="out.safetensors"):
+    assert rc == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+    assert not (tmp_path / output).exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")], "temporary file left behind"
+
+
+def test_wrapped_pth_tar_with_module_prefix(tmp_path, capsys, t8_sd):
+    ckpt = tmp_path / "fastvit_t8.pth.tar"
+    torch.save({"epoch": 3, "state_dict": {"module." + k: v for k, v in t8_sd.items()}}, ckpt)
+    rc, out, err = _run(torch2flax.main, [ckpt, tmp_path / "out.safetensors", "--variant", "fastvit_t8"], capsys)
+    assert rc == 0, err
+    assert "[1/4]" in out and "[4/4]" in out
+    assert "summary: variant=t8 layout=timm form=train params=4,026,232 classes=1000" in out
+    variables = load_variables(tmp_path / "out.safetensors")
+    assert set(variables) == {"params", "batch_stats"}
+    np.testing.assert_array_equal(variables["params"]["head"]["fc"]["kernel"], t8_sd["head.fc.weight"].numpy().T)
+    assert load_metadata(tmp_path / "out.safetensors")["form"] == "train"
+
+
+def test_apple_safetensors_to_fused_and_back_to_apple_pth(tmp_path, capsys, t8_sd):
+    ckpt = tmp_path / "apple_t8.safetensors"
+    save_file({k: v.contiguous() for k, v in timm_to_apple(t8_sd, get_variant("t8")).items()}, ckpt)
+    rc, out, err = _run(torch2flax.main, [ckpt, tmp_path / "fused.safetensors", "--fused"], capsys)
+    assert rc == 0, err
+    assert "layout=apple form=fused params=3,996,040" in out
+    rc, out, err = _run(flax2torch.main, [tmp_path / "fused.safetensors", tmp_path / "back.pth", "--layout", "apple"],
+                        capsys)
+    assert rc == 0, err
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert "network.1.proj.0.lkb_reparam.weight" in back and "patch_embed.0.reparam_conv.weight" in back
+    rc, out, err = _run(flax2torch.main, [tmp_path / "fused.safetensors", tmp_path / "back.safetensors"], capsys)
+    assert rc == 0, err
+    from safetensors.torch import load_file
+
+    fused = torch_ref.create_model("t8", inference_mode=True)
+    fused.load_state_dict(load_file(tmp_path / "back.safetensors"), strict=True)
+
+
+def _ckpt(tmp_path, sd, name="in.pth"):
+    path = tmp_path / name
+    torch.save(sd, path)
+    return path
+
+
+def _bad(tmp_path, capsys, sd_or_path, *fragments, extra=()):
+    path = sd_or_path if isinstance(sd_or_path, (str, os.PathLike)) else _ckpt(tmp_path, sd_or_path)
+    rc, _, err = _run(torch2flax.main, [path, tmp_path / "out.safetensors", *extra], capsys)
+    _assert_refused(tmp_path, rc, err, *fragments)
+    return err
+
+
+def test_unknown_layout(tmp_path, capsys):
+    _bad(tmp_path, capsys, {"encoder.layer.0.weight": torch.zeros(3)}, "unknown layout", "encoder.layer.0.weight")
+
+
+def test_mixed_layout(tmp_path, capsys, t8_sd):
+    sd = dict(t8_sd)
+    sd["patch_embed.0.rbr_conv.0.conv.weight"] = torch.zeros(48, 3, 3, 3)
+    _bad(tmp_path, capsys, sd, "mixed layout")
+
+
+def test_missing_keys_named_with_count(tmp_path, capsys, t8_sd):
+    sd = {k: v for k, v in t8_sd.items() if not k.startswith("stages.1.blocks.0.mlp")}
+    err = _bad(tmp_path, capsys, sd, "missing keys: stages.1.blocks.0.mlp.conv.conv.weight", "(10 in all)")
+    assert "closest is t8" in err
+
+
+def test_unexpected_keys(tmp_path, capsys, t8_sd):
+    sd = dict(t8_sd)
+    sd["stages.0.blocks.0.extra.weight"] = torch.zeros(2)
+    _bad(tmp_path, capsys, sd, "unexpected keys: stages.0.blocks.0.extra.weight (1)")
+
+
+def test_shape_mismatch(tmp_path, capsys, t8_sd):
+    sd = dict(t8_sd)
+    sd["stages.0.blocks.0.mlp.fc1.weight"] = torch.zeros(150, 48, 1, 1)
+    _bad(tmp_path, capsys, sd, "shape mismatch at stages.0.blocks.0.mlp.fc1.weight: expected (144, 48, 1, 1), "
+                               "found (150, 48, 1, 1)")
+
+
+def test_variant_contradicting_shapes(tmp_path, capsys, t8_sd):
+    _bad(tmp_path, capsys, t8_sd, "--variant sa12 contradicts the checkpoint", "those of t8", extra=["--variant", "sa12"])
+
+
+def test_unknown_variant_flag(tmp_path, capsys, t8_sd):
+    _bad(tmp_path, capsys, t8_sd, "unknown FastViT variant 'b0'", "t8, t12", extra=["--variant", "b0"])
+
+
+def test_non_float_weight(tmp_path, capsys, t8_sd):
+    sd = dict(t8_sd)
+    sd["head.fc.bias"] = torch.zeros(1000, dtype=torch.int64)
+    _bad(tmp_path, capsys, sd, "head.fc.bias holds a torch.int64 tensor; a float weight is expected")
+
+
+def test_nan_weights(tmp_path, capsys, t8_sd):
+    sd = dict(t8_sd)
+    w = sd["stem.0.conv_kxk.0.conv.weight"].clone()
+    w[0, 0, 0, 0] = float("nan")
+    w[1, 0, 0, 0] = float("inf")
+    sd["stem.0.conv_kxk.0.conv.weight"] = w
+    _bad(tmp_path, capsys, sd, "stem.0.conv_kxk.0.conv.weight contains 2 NaN/Inf value(s)")
+
+
+def test_not_a_checkpoint(tmp_path, capsys):
+    text = tmp_path / "notes.pth"
+    text.write_text("hello")
+    _bad(tmp_path, capsys, text, "is not a PyTorch checkpoint")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 10)
+    _bad(tmp_path, capsys, junk, "not a readable .safetensors file")
+    _bad(tmp_path, capsys, tmp_path / "missing.pth", "does not exist")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_arbitrary_pickle_is_not_executed(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": Evil()}, f)
+    _bad(tmp_path, capsys, path, "weights_only=True")
+
+
+def test_non_tensor_entries(tmp_path, capsys):
+    _bad(tmp_path, capsys, {"stem.0.x": [1, 2]}, "entry 'stem.0.x' is a list, not a tensor")
+
+
+def test_existing_output_refused_unless_overwrite(tmp_path, capsys, t8_sd):
+    ckpt = _ckpt(tmp_path, t8_sd)
+    out = tmp_path / "out.safetensors"
+    out.write_text("precious")
+    rc, _, err = _run(torch2flax.main, [ckpt, out], capsys)
+    assert rc == 2 and "exists; pass --overwrite" in err
+    assert out.read_text() == "precious"
+    rc, _, err = _run(torch2flax.main, [ckpt, out, "--overwrite"], capsys)
+    assert rc == 0, err
+    assert load_variables(out)["params"]
+
+
+def test_flax2torch_bad_inputs(tmp_path, capsys, t8_sd):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"junk")
+    rc, _, err = _run(flax2torch.main, [junk, tmp_path / "out.pth"], capsys)
+    _assert_refused(tmp_path, rc, err, "not a safetensors variables file", output="out.pth")
+    rc, _, err = _run(flax2torch.main, [tmp_path / "none.safetensors", tmp_path / "out.pth"], capsys)
+    _assert_refused(tmp_path, rc, err, "no variables file", output="out.pth")
+    from convert.core import convert_state_dict
+    from fastvit_jax.io import save_variables
+
+    variables = convert_state_dict(t8_sd).variables
+    del variables["params"]["final_conv"]["se"]
+    save_variables(tmp_path / "broken.safetensors", variables)
+    rc, _, err = _run(flax2torch.main, [tmp_path / "broken.safetensors", tmp_path / "out.pth"], capsys)
+    _assert_refused(tmp_path, rc, err, "closest is t8", output="out.pth")
+    rc, _, err = _run(flax2torch.main, [tmp_path / "broken.safetensors", tmp_path / "out.txt"], capsys)
+    assert rc == 2
+
+
+def test_script_exit_code_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_text("not a checkpoint")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "convert", "torch2flax.py"), str(bad),
+                           str(tmp_path / "out.safetensors")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "error:" in proc.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+    help_text = subprocess.run([sys.executable, os.path.join(ROOT, "convert", "flax2torch.py"), "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    assert "--layout" in help_text
