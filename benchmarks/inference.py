@@ -38,20 +38,47 @@ def _jax_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
+def erf_gelu(x):
+    """Exact GELU through erf: 0.5 x (1 + erf(x / sqrt 2)). ``jax.nn.gelu(approximate=False)`` goes
+    through erfc, which XLA:CPU expands into a much slower sequence (3-4x on this machine);
+    the two agree to ~1e-6. A *proposed* ``fastvit_jax.layers.gelu``, timed as an experiment."""
+    from jax import lax
+
+    return 0.5 * x * (1.0 + lax.erf(x * 0.7071067811865476))
+
+
+# Extra JAX configurations timed beside the default one (fused form only, same round-robin);
+# the headline ratio always uses the default. compiler_options are XLA debug options applied to
+# that one compilation (same effect as XLA_FLAGS for the process).
+JAX_EXPERIMENTS = {
+    "jax+vw512": {"compiler_options": {"xla_cpu_prefer_vector_width": 512}, "cpu_only": True},
+    "jax+erf_gelu": {"gelu": "erf", "cpu_only": False},
+    "jax+erf_gelu+vw512": {"gelu": "erf", "compiler_options": {"xla_cpu_prefer_vector_width": 512}, "cpu_only": True},
+}
+
+
 def build_jax_forward(variant: str, variables: Dict[str, Any], *, fused: bool, batch: int, image_size: int,
-                      lowering: Optional[str] = None, dtype=None):
+                      lowering: Optional[str] = None, dtype=None, compiler_options: Optional[Dict] = None,
+                      gelu: Optional[str] = None):
     """(compiled forward, input, seconds to lower+compile)."""
     import jax
     import jax.numpy as jnp
 
     import fastvit_jax
+    from fastvit_jax import layers
 
     dtype = dtype or _jax_dtype()
     model = fastvit_jax.create_model(variant, inference_mode=fused, dtype=dtype, lowering=lowering)
     x = jnp.asarray(np.random.RandomState(1).randn(batch, image_size, image_size, 3).astype(np.float32))
     fwd = jax.jit(lambda v, xx: model.apply(v, xx, train=False))
+    original_gelu = layers.gelu
     t0 = time.perf_counter()
-    compiled = fwd.lower(variables, x).compile()
+    try:
+        if gelu == "erf":
+            layers.gelu = erf_gelu  # read at trace time by every block
+        compiled = fwd.lower(variables, x).compile(compiler_options=compiler_options or None)
+    finally:
+        layers.gelu = original_gelu
     compile_s = time.perf_counter() - t0
     return compiled, x, compile_s
 
@@ -94,7 +121,8 @@ def run_inference(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int] 
                   repeats: int = 10, warmup: int = 2, forms: Sequence[str] = ("fused", "unfused"),
                   torch_compile: bool = False, torch_compile_budget_s: float = 600.0,
                   lowering: Optional[str] = None, min_time_s: float = 0.0, flops_per_image: Optional[Dict] = None,
-                  peak_tflops: Optional[float] = None, check: bool = True) -> Dict[str, Any]:
+                  peak_tflops: Optional[float] = None, check: bool = True,
+                  experiments: Sequence[str] = ()) -> Dict[str, Any]:
     """Time every (variant, batch, form, impl); returns {'rows': [...], 'summary': [...], 'notes': [...]}.
 
     ``flops_per_image``: {(variant, form): GFLOP per image} (from ``benchmarks.flops``) for MFU.
@@ -136,6 +164,21 @@ def run_inference(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int] 
                     yj = np.asarray(compiled(v, xj), np.float64)
                     yt = fns[f"torch_cl/{form}"]().float().cpu().numpy().astype(np.float64)
                     meta[f"jax/{form}"]["max_rel_err_vs_torch"] = float(np.abs(yj - yt).max() / np.abs(yt).max())
+                if form == "fused":
+                    import jax
+
+                    for name in experiments:
+                        exp = JAX_EXPERIMENTS[name]
+                        if exp.get("cpu_only") and jax.default_backend() != "cpu":
+                            continue
+                        c2, _, cs2 = build_jax_forward(variant, v, fused=True, batch=batch, image_size=image_size,
+                                                       lowering=lowering, compiler_options=exp.get("compiler_options"),
+                                                       gelu=exp.get("gelu"))
+                        fns[f"{name}/{form}"] = (lambda c=c2, v=v, xj=xj: c(v, xj).block_until_ready())
+                        yd = np.asarray(c2(v, xj), np.float64)
+                        meta[f"{name}/{form}"] = {"compile_s": cs2, "experiment": {
+                            k: val for k, val in exp.items() if k != "cpu_only"},
+                            "max_abs_diff_vs_jax": float(np.abs(yd - np.asarray(compiled(v, xj), np.float64)).max())}
                 if torch_compile and form == "fused":
                     res = try_torch_compile(m_cl, x_cl, device, torch_compile_budget_s)
                     if "fn" in res:
@@ -171,6 +214,9 @@ def run_inference(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int] 
                     "best_torch_eager": best_eager["impl"],
                     "jax_over_torch": j["img_s"] / best_eager["img_s"],
                     "jax_compile_s": j.get("compile_s"),
+                    "experiments": {k[0]: {"img_s": r["img_s"], "over_jax": r["img_s"] / j["img_s"],
+                                           "over_best_torch_eager": r["img_s"] / best_eager["img_s"]}
+                                    for k, r in by.items() if k[0].startswith("jax+") and k[1] == form},
                 })
             if "fused" in forms and "unfused" in forms:
                 for impl in ("jax",) + IMPLS_EAGER:
@@ -201,6 +247,18 @@ def markdown(result: Dict[str, Any]) -> str:
     head = ["variant", "batch", "form", "JAX img/s (min–max)", "torch NCHW", "torch channels_last", "torch.compile",
             "JAX / best torch eager", "fused÷unfused (JAX / NCHW / CL)", "JAX compile s"]
     out = common.markdown_table(head, rows)
+    exp_rows = []
+    for s in result["summary"]:
+        for name, e in (s.get("experiments") or {}).items():
+            exp_rows.append([s["variant"], s["batch"], s["form"], name, f"{e['img_s']:.1f}", f"{e['over_jax']:.2f}×",
+                             f"{e['over_best_torch_eager']:.2f}×"])
+    if exp_rows:
+        out += "\n\nJAX experiments in the same round-robin (not the default configuration):\n\n" + \
+            common.markdown_table(["variant", "batch", "form", "configuration", "img/s", "vs default JAX",
+                                   "vs best torch eager"], exp_rows)
+        out += ("\n\n- jax+vw512: XLA option xla_cpu_prefer_vector_width=512 (AVX-512 codegen for the fused loops)"
+                "\n- jax+erf_gelu: fastvit_jax.layers.gelu replaced by 0.5·x·(1+erf(x/√2)) (proposed; same function"
+                " to ~1e-6; jax.nn.gelu(approximate=False) lowers through erfc, which XLA:CPU expands expensively)")
     if result.get("notes"):
         out += "\n\n" + "\n".join(f"- {n}" for n in result["notes"])
     return out

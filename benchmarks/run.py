@@ -56,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--pipeline_chunks", type=int, default=5)
     p.add_argument("--pipeline_threads", nargs="+", type=int, default=[1, 0],
                    help="tf.data thread counts to time (0 = all cores)")
+    p.add_argument("--no_experiments", action="store_true", help="skip the extra JAX configurations")
     p.add_argument("--lowering", choices=["native", "shift"], default=None,
                    help="force the JAX conv lowering (default: per backend, 'shift' on CPU)")
     return p.parse_args(argv)
@@ -94,7 +95,7 @@ def run(args) -> dict:
         section("inference", lambda: inference.run_inference(
             cfg["variants"], cfg["batch_sizes"], cfg["image_size"], cfg["repeats"],
             torch_compile=args.torch_compile, flops_per_image=gflops, peak_tflops=args.peak_tflops,
-            lowering=args.lowering))
+            lowering=args.lowering, experiments=() if args.no_experiments else tuple(inference.JAX_EXPERIMENTS)))
     if "profile" in sections:
         from benchmarks import profile
 
