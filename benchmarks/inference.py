@@ -213,6 +213,8 @@ def run_inference(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int] 
                     "torch_compile_img_s": by.get(("torch_compile", form), {}).get("img_s"),
                     "best_torch_eager": best_eager["impl"],
                     "jax_over_torch": j["img_s"] / best_eager["img_s"],
+                    # ratio of the fastest calls: closer to a quiet machine's ratio when the box is shared
+                    "jax_over_torch_fastest": j["img_s_max"] / max(by[(i, form)]["img_s_max"] for i in IMPLS_EAGER),
                     "jax_compile_s": j.get("compile_s"),
                     "experiments": {k[0]: {"img_s": r["img_s"], "over_jax": r["img_s"] / j["img_s"],
                                            "over_best_torch_eager": r["img_s"] / best_eager["img_s"]}
@@ -241,11 +243,11 @@ def markdown(result: Dict[str, Any]) -> str:
                 spread[r["impl"]] = f"{r['img_s']:.1f} ({r['img_s_min']:.0f}–{r['img_s_max']:.0f})"
         rows.append([s["variant"], s["batch"], s["form"], spread.get("jax"), spread.get("torch_nchw"),
                      spread.get("torch_cl"), spread.get("torch_compile", "–"),
-                     f"**{s['jax_over_torch']:.2f}×**",
+                     f"**{s['jax_over_torch']:.2f}×** ({s['jax_over_torch_fastest']:.2f}×)",
                      " / ".join(f"{s.get(f'fused_speedup_{i}', float('nan')):.2f}" for i in ("jax",) + IMPLS_EAGER)
                      if s["form"] == "fused" else "", s["jax_compile_s"]])
     head = ["variant", "batch", "form", "JAX img/s (min–max)", "torch NCHW", "torch channels_last", "torch.compile",
-            "JAX / best torch eager", "fused÷unfused (JAX / NCHW / CL)", "JAX compile s"]
+            "JAX / best torch eager: medians (fastest calls)", "fused÷unfused (JAX / NCHW / CL)", "JAX compile s"]
     out = common.markdown_table(head, rows)
     exp_rows = []
     for s in result["summary"]:

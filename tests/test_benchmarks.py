@@ -141,3 +141,26 @@ def test_conv_lowerings_agree(xs, ks, stride, padding, groups):
     a, b = f("native"), f("shift")
     assert a.shape == b.shape
     np.testing.assert_allclose(b, a, atol=1e-5 * max(1.0, float(np.abs(a).max())), rtol=0)
+
+
+@pytest.mark.parametrize("xs,ks,stride,padding,groups", [c for c in CONV_CASES if c[4] > 1])
+def test_conv_lowering_gradients_agree(xs, ks, stride, padding, groups):
+    """The shift lowering's gradients (custom VJP for stride-1 depthwise) match the native conv's."""
+    import jax
+    import jax.numpy as jnp
+
+    from fastvit_jax.conv import conv2d
+
+    rs = np.random.RandomState(1)
+    x = jnp.asarray(rs.randn(*xs).astype(np.float32))
+    k = jnp.asarray(rs.randn(*ks).astype(np.float32))
+    out_shape = jax.eval_shape(lambda a, b: conv2d(a, b, stride=stride, padding=padding, groups=groups,
+                                                   lowering="native"), x, k).shape
+    w = jnp.asarray(rs.randn(*out_shape).astype(np.float32))
+
+    def grads(low):
+        f = lambda a, b: jnp.sum(conv2d(a, b, stride=stride, padding=padding, groups=groups, lowering=low) * w)
+        return [np.asarray(t) for t in jax.jit(jax.grad(f, argnums=(0, 1)))(x, k)]
+
+    for a, b in zip(grads("native"), grads("shift")):
+        np.testing.assert_allclose(b, a, atol=1e-4 * max(1.0, float(np.abs(a).max())), rtol=0)
