@@ -8,6 +8,8 @@ resumed run must reproduce its losses. NaN / SIGTERM / config tests use a tiny s
 model so they compile in seconds.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -23,19 +25,40 @@ from fastvit_jax.training.metrics import read_metrics
 
 from test_training_helpers import TinyNet, create_tiny_model  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("training_e2e")  # one worker: shares fixtures and compilations
+pytestmark = pytest.mark.xdist_group("training_e2e")  # one worker if honoured; see _shared_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
+
+
+@contextlib.contextmanager
+def _shared_dir(tmp_path_factory, name):
+    """A directory shared by the xdist workers of this session, with an exclusive lock.
+
+    (xdist_group marks are not honoured by the installed pytest/xdist versions, so the
+    e2e tests may land on both workers: the expensive artefacts are built once.)"""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield d
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     from fastvit_jax.data.demo import make_fake_imagenet
 
-    d = str(tmp_path_factory.mktemp("tfds"))
-    make_fake_imagenet(d, os.path.join(d, "manual"), num_classes_used=4, per_class=4, num_val=8)
-    return d
+    with _shared_dir(tmp_path_factory, "training_tfds") as d:
+        if not (d / "done").exists():
+            make_fake_imagenet(str(d), str(d / "manual"), num_classes_used=4, per_class=4, num_val=8)
+            (d / "done").write_text("ok")
+    return str(d)
 
 
 def _config(data_dir, workdir, **kw):
@@ -49,11 +72,53 @@ def _config(data_dir, workdir, **kw):
     return TrainConfig.from_recipe("t8", **base)
 
 
+class _Crash(Exception):
+    pass
+
+
+def _summary(res):
+    keep = {k: res[k] for k in ("final_step", "preempted", "eval", "export_path", "plot_path", "resumed_from")}
+    keep["losses"] = {str(k): v for k, v in res["losses"].items()}
+    return keep
+
+
 @pytest.fixture(scope="module")
-def full_run(data_dir, tmp_path_factory):
-    wd = tmp_path_factory.mktemp("full")
-    res = trainer.train_and_evaluate(_config(data_dir, wd))
-    return wd, res
+def runs(data_dir, tmp_path_factory):
+    """Built once per session (shared across xdist workers), in one process so that the
+    three runs share their compilations:
+      full:    an uninterrupted 10-step t8 run (checkpoints at 5 and 10);
+      resumed: the same config in another workdir, crashed at step 7 (last checkpoint 5),
+               then restarted; the restart's summary.
+    """
+    with _shared_dir(tmp_path_factory, "training_runs") as d:
+        path = d / "summary.json"
+        if not path.exists():
+            full = trainer.train_and_evaluate(_config(data_dir, d / "full"))
+
+            def crash_at_7(step, metrics):
+                if step == 7:
+                    raise _Crash()
+
+            cfg = _config(data_dir, d / "resume")
+            try:
+                trainer.train_and_evaluate(cfg, step_callback=crash_at_7)
+                raise AssertionError("the crash callback did not fire")
+            except _Crash:
+                pass
+            ckpts = sorted(int(n) for n in os.listdir(d / "resume" / "checkpoints") if n.isdigit())
+            resumed = trainer.train_and_evaluate(cfg)
+            path.write_text(json.dumps({"full": _summary(full), "resumed": _summary(resumed),
+                                        "ckpts_after_crash": ckpts}))
+        out = json.loads(path.read_text())
+    for k in ("full", "resumed"):
+        out[k]["losses"] = {int(s): v for s, v in out[k]["losses"].items()}
+    out["full_dir"] = d / "full"
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(runs):
+    return runs["full_dir"], runs["full"]
 
 
 def test_loss_finite_and_decreasing(full_run):
@@ -80,34 +145,22 @@ def test_outputs_written(full_run):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(wd, "tensorboard")))
 
 
-def test_fused_export_matches_train_form(full_run, data_dir):
+def test_fused_export_matches_train_form(full_run, data_dir, tmp_path):
     """The exported fused EMA weights load into inference_mode=True and agree with EMA eval."""
     import fastvit_jax
 
     wd, res = full_run
     fused = fastvit_jax.load_variables(res["export_path"])
-    m = trainer.evaluate_checkpoint(_config(data_dir, os.path.join(wd, "eval_export"),
+    m = trainer.evaluate_checkpoint(_config(data_dir, tmp_path / "eval_export",
                                             init_from=res["export_path"], eval_only=True))
     assert m["top5"] == pytest.approx(res["eval"]["ema_top5"], abs=1e-6)
     assert m["loss"] == pytest.approx(res["eval"]["ema_loss"], rel=1e-4, abs=1e-4)
     assert fastvit_jax.reparameterize(fused)["params"].keys() == fused["params"].keys()  # already fused
 
 
-def test_kill_and_resume_reproduces_losses(full_run, data_dir, tmp_path):
-    _, ref = full_run
-    cfg = _config(data_dir, tmp_path / "resume")
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_7(step, metrics):
-        if step == 7:
-            raise Crash()
-
-    with pytest.raises(Crash):
-        trainer.train_and_evaluate(cfg, step_callback=crash_at_7)
-    assert sorted(int(n) for n in os.listdir(tmp_path / "resume" / "checkpoints") if n.isdigit()) == [5]
-    res = trainer.train_and_evaluate(cfg)
+def test_kill_and_resume_reproduces_losses(runs):
+    ref, res = runs["full"], runs["resumed"]
+    assert runs["ckpts_after_crash"] == [5]  # crashed at 7: the step-5 checkpoint survives
     assert res["resumed_from"] == 5 and res["final_step"] == STEPS
     assert sorted(res["losses"]) == list(range(6, STEPS + 1))
     for s in range(6, STEPS + 1):
