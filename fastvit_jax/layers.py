@@ -35,8 +35,12 @@ def same_padding(kernel_size: int, stride: int = 1) -> int:
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU like torch.nn.GELU (jax.nn.gelu defaults to the tanh approximation)."""
-    return jax.nn.gelu(x, approximate=False)
+    """Exact (erf) GELU like torch.nn.GELU (jax.nn.gelu defaults to the tanh approximation).
+
+    Written with ``lax.erf``: ``jax.nn.gelu(approximate=False)`` goes through ``erfc``, which
+    XLA:CPU expands expensively (8.3 ms vs 1.6 ms on 8x64x64x144; same values to ~1.5e-6).
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476))
 
 
 class Conv2d(nn.Module):

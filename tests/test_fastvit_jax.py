@@ -310,3 +310,13 @@ def test_packages_do_not_import_each_other():
     code2 = ("import sys, fastvit_jax.model, fastvit_jax.reparam, fastvit_jax.io; "
              "assert 'torch' not in sys.modules and 'torch_ref' not in sys.modules, 'fastvit_jax imported torch'")
     subprocess.run([sys.executable, "-c", code2], check=True)
+
+
+def test_gelu_is_exact_erf_form():
+    from fastvit_jax.layers import gelu
+
+    x = np.linspace(-6, 6, 1001, dtype=np.float32)
+    ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(gelu(jnp.asarray(x))), ref, atol=2e-6)
+    tanh_approx = np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=True))
+    assert np.abs(tanh_approx - ref).max() > 1e-4  # the trap this guards against
