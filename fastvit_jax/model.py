@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -17,20 +17,9 @@ from fastvit_jax.layers import (
     RepMixerBlock,
     trunc_normal_02,
 )
-from fastvit_jax.variants import VariantConfig, get_variant
+from fastvit_jax.variants import VariantConfig, drop_path_rates, get_variant
 
 __all__ = ["FastVit", "FastVitStage", "ClassifierHead", "create_model", "drop_path_rates"]
-
-
-def drop_path_rates(depths: Sequence[int], rate: float) -> List[List[float]]:
-    """Per-block linear schedule: block j of N gets rate * j / (N - 1), split per stage."""
-    total = sum(depths)
-    flat = [rate * j / (total - 1) if total > 1 else 0.0 for j in range(total)]
-    out, start = [], 0
-    for d in depths:
-        out.append(flat[start:start + d])
-        start += d
-    return out
 
 
 class FastVitStage(nn.Module):

@@ -9,7 +9,7 @@ does ``convert``). Numbers follow Apple's ml-fastvit code (see
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import List, Sequence, Tuple
 
 __all__ = [
     "VARIANTS",
@@ -20,6 +20,7 @@ __all__ = [
     "OFFICIAL_PARAM_COUNTS",
     "OFFICIAL_GMACS",
     "PAPER_NUMBERS",
+    "drop_path_rates",
 ]
 
 
@@ -165,3 +166,14 @@ def recipe_for(variant: str) -> RecipeDefaults:
     """The per-variant training defaults (drop path and mixup differ per variant)."""
     name = canonical_name(variant)
     return RecipeDefaults(drop_path_rate=_DROP_PATH[name], mixup_alpha=_MIXUP[name])
+
+
+def drop_path_rates(depths: Sequence[int], rate: float) -> List[List[float]]:
+    """Per-block linear schedule: block j of N gets rate * j / (N - 1), split per stage."""
+    total = sum(depths)
+    flat = [rate * j / (total - 1) if total > 1 else 0.0 for j in range(total)]
+    out, start = [], 0
+    for d in depths:
+        out.append(flat[start:start + d])
+        start += d
+    return out

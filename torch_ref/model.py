@@ -8,7 +8,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from fastvit_jax.variants import VARIANTS, VariantConfig, get_variant  # pure Python, no JAX
+from fastvit_jax.variants import VARIANTS, VariantConfig, drop_path_rates, get_variant  # pure Python, no JAX
 from torch_ref.layers import (
     AttentionBlock,
     MobileOneBlock,
@@ -20,17 +20,6 @@ from torch_ref.layers import (
 Tensor = torch.Tensor
 
 __all__ = ["FastVit", "FastVitStage", "ClassifierHead", "create_model", "reparameterize_model", "drop_path_rates", "VARIANTS"]
-
-
-def drop_path_rates(depths: Sequence[int], rate: float) -> List[List[float]]:
-    """Per-block linear schedule: block j of N gets rate * j / (N - 1), split per stage."""
-    total = sum(depths)
-    flat = [rate * j / (total - 1) if total > 1 else 0.0 for j in range(total)]
-    out, start = [], 0
-    for d in depths:
-        out.append(flat[start:start + d])
-        start += d
-    return out
 
 
 class FastVitStage(nn.Module):
