@@ -57,6 +57,16 @@ def conv2d(in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups:
     return nn.Conv2d(in_chs, out_chs, kernel_size, stride, same_padding(kernel_size, stride), groups=groups, bias=bias)
 
 
+@torch.no_grad()
+def fused_conv(kernel: Tensor, bias: Tensor, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    """The ``reparam_conv`` holding a fused (O, I/g, k, k) kernel and (O,) bias."""
+    out_chs, in_per_group, k, _ = kernel.shape
+    conv = conv2d(in_per_group * groups, out_chs, k, stride, groups, bias=True)
+    conv.weight.copy_(kernel)
+    conv.bias.copy_(bias)
+    return conv
+
+
 # --------------------------------------------------------------------------- small modules
 class ConvNorm(nn.Module):
     """conv (no bias) -> BatchNorm2d; timm's ``ConvNormAct(apply_act=False)`` (keys .conv, .bn)."""
@@ -193,9 +203,7 @@ class MobileOneBlock(nn.Module):
         if self.reparam_conv is not None:
             return
         kernel, bias = self.fused_kernel_bias()
-        self.reparam_conv = conv2d(self.in_chs, self.out_chs, self.kernel_size, self.stride, self.groups, bias=True)
-        self.reparam_conv.weight.copy_(kernel)
-        self.reparam_conv.bias.copy_(bias)
+        self.reparam_conv = fused_conv(kernel, bias, self.stride, self.groups)
         for name in ("conv_kxk", "conv_scale", "identity"):
             if hasattr(self, name):
                 delattr(self, name)
@@ -241,9 +249,7 @@ class ReparamLargeKernelConv(nn.Module):
         if self.small_conv is not None:
             ks, bs = self.small_conv.fuse()
             kernel, bias = kernel + pad_kernel_to(ks, self.kernel_size), bias + bs
-        self.reparam_conv = conv2d(self.in_chs, self.out_chs, self.kernel_size, self.stride, self.groups, bias=True)
-        self.reparam_conv.weight.copy_(kernel)
-        self.reparam_conv.bias.copy_(bias)
+        self.reparam_conv = fused_conv(kernel, bias, self.stride, self.groups)
         del self.large_conv
         if hasattr(self, "small_conv"):
             del self.small_conv
@@ -296,9 +302,7 @@ class RepMixer(nn.Module):
         eye = identity_kernel(self.dim, self.dim, self.kernel_size, k_m)
         kernel = eye + gamma.unsqueeze(-1) * (k_m - k_n)
         bias = gamma.reshape(-1) * (b_m - b_n)
-        self.reparam_conv = conv2d(self.dim, self.dim, self.kernel_size, 1, groups=self.dim, bias=True)
-        self.reparam_conv.weight.copy_(kernel)
-        self.reparam_conv.bias.copy_(bias)
+        self.reparam_conv = fused_conv(kernel, bias, 1, self.dim)
         del self.norm, self.mixer, self.layer_scale
 
 
@@ -373,9 +377,7 @@ class RepConditionalPosEnc(nn.Module):
             return
         kernel = self.pos_enc.weight + identity_kernel(self.dim, self.dim, self.kernel_size, self.pos_enc.weight)
         bias = self.pos_enc.bias.clone()
-        self.reparam_conv = conv2d(self.dim, self.dim, self.kernel_size, 1, groups=self.dim, bias=True)
-        self.reparam_conv.weight.copy_(kernel)
-        self.reparam_conv.bias.copy_(bias)
+        self.reparam_conv = fused_conv(kernel, bias, 1, self.dim)
         del self.pos_enc
 
 
