@@ -11,6 +11,7 @@ Kernels are HWIO: (kh, kw, in_channels // groups, out_channels), like ``flax.lin
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import jax
@@ -39,6 +40,38 @@ def conv2d_native(x: jax.Array, kernel: jax.Array, stride: int, padding: int, gr
         preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+def _shifted_sum(xp: jax.Array, weights: jax.Array, stride: int, out_h: int, out_w: int) -> jax.Array:
+    """sum over taps of strided windows of a padded input times per-channel weights.
+
+    xp: (B, Hp, Wp, C) already padded; weights: (kh, kw, C, m). Returns (B, out_h, out_w, C * m)
+    in float32 with channel o = c * m + q. Each multiplier index q is its own sum over C
+    contiguous channels; the input is never repeated (a repeat makes XLA recompute a fused
+    producer once per copy).
+    """
+    kh, kw, c, multiplier = weights.shape
+    b = xp.shape[0]
+    taps = [lax.slice(xp, (0, i, j, 0), (b, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
+                      (1, stride, stride, 1)).astype(jnp.float32)
+            for i in range(kh) for j in range(kw)]
+    flat = weights.reshape(kh * kw, c, multiplier).astype(jnp.float32)
+    outs = []
+    for q in range(multiplier):
+        out = taps[0] * flat[0, :, q]
+        for t in range(1, len(taps)):
+            out = out + taps[t] * flat[t, :, q]
+        outs.append(out)
+    return outs[0] if multiplier == 1 else jnp.stack(outs, axis=-1).reshape(b, out_h, out_w, c * multiplier)
+
+
+def _out_size(size: int, k: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - k) // stride + 1
+
+
+def _pad_hw(x: jax.Array, padding: int) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d_shift(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """A conv with one input channel per group (depthwise, or depthwise with a channel
     multiplier) as a sum of kh*kw shifted, strided multiply-adds.
@@ -46,23 +79,51 @@ def conv2d_shift(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> 
     x: (B, H, W, C); kernel: (kh, kw, 1, C * m). Output channel o reads input channel o // m,
     which is PyTorch's grouping for groups == C. Accumulates in float32 (bfloat16 inputs
     would otherwise round after each of the k*k adds).
+
+    The gradient is hand-written (``_conv2d_shift_bwd``): autodiff of the slices makes XLA
+    keep every tap (kh*kw copies of the input) for the backward pass.
     """
     kh, kw, _, out_ch = kernel.shape
-    multiplier = out_ch // x.shape[-1]
-    if multiplier > 1:
-        x = jnp.repeat(x, multiplier, axis=-1)
     b, h, w, c = x.shape
-    x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    out_h = (h + 2 * padding - kh) // stride + 1
-    out_w = (w + 2 * padding - kw) // stride + 1
-    out = None
+    weights = kernel.reshape(kh, kw, c, out_ch // c)
+    out = _shifted_sum(_pad_hw(x, padding), weights, stride, _out_size(h, kh, stride, padding),
+                       _out_size(w, kw, stride, padding))
+    return out.astype(x.dtype)
+
+
+def _conv2d_shift_fwd(x, kernel, stride, padding):
+    return conv2d_shift(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv2d_shift_bwd(stride, padding, residuals, g):
+    """dx: the stride-dilated output gradient correlated with the flipped kernel (itself a
+    shifted sum); dkernel: per tap, sum over (B, H, W) of window * gradient."""
+    x, kernel = residuals
+    kh, kw, _, out_ch = kernel.shape
+    b, h, w, c = x.shape
+    multiplier = out_ch // c
+    out_h, out_w = g.shape[1:3]
+    g = g.astype(jnp.float32).reshape(b, out_h, out_w, c, multiplier)
+    flipped = kernel[::-1, ::-1, 0].reshape(kh, kw, c, multiplier)
+    pad_cfg = ((0, 0, 0), (kh - 1 - padding, h + padding - stride * (out_h - 1) - 1, stride - 1),
+               (kw - 1 - padding, w + padding - stride * (out_w - 1) - 1, stride - 1), (0, 0, 0))
+    dx = None
+    for q in range(multiplier):
+        gq = lax.pad(g[..., q], jnp.float32(0), pad_cfg)
+        term = _shifted_sum(gq, flipped[..., q:q + 1], 1, h, w)
+        dx = term if dx is None else dx + term
+    xp = _pad_hw(x, padding).astype(jnp.float32)
+    dk = []
     for i in range(kh):
         for j in range(kw):
-            tap = lax.slice(x, (0, i, j, 0), (b, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
+            tap = lax.slice(xp, (0, i, j, 0), (b, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
                             (1, stride, stride, 1))
-            term = tap.astype(jnp.float32) * kernel[i, j, 0].astype(jnp.float32)
-            out = term if out is None else out + term
-    return out.astype(x.dtype)
+            dk.append(jnp.sum(tap[..., None] * g, axis=(0, 1, 2)))  # (C, multiplier)
+    dkernel = jnp.stack(dk).reshape(kh, kw, 1, out_ch)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+conv2d_shift.defvjp(_conv2d_shift_fwd, _conv2d_shift_bwd)
 
 
 def conv2d_pointwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
