@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from fastvit_jax import host_memory  # noqa: E402  (imports neither JAX nor PyTorch)
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # Dense peak TFLOP/s (bf16 / fp16 tensor cores without sparsity) for MFU; override with --peak_tflops.
@@ -106,6 +108,13 @@ def load_average() -> Optional[List[float]]:
         return None
 
 
+def prepare_process() -> None:
+    """First call of every benchmark entry point, before JAX or PyTorch is imported: the glibc
+    malloc settings of ``fastvit_jax.host_memory`` (both frameworks run under the same ones;
+    ``FASTVIT_HOST_MALLOC=default`` measures glibc's defaults instead)."""
+    host_memory.keep_freed_host_memory()
+
+
 def machine_info() -> Dict[str, Any]:
     """CPU model, cores, memory, accelerator, library versions, thread settings, date."""
     import jax
@@ -129,6 +138,7 @@ def machine_info() -> Dict[str, Any]:
         "torch": _version("torch"),
         "numpy": _version("numpy"),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "host_malloc": host_memory.describe(),
         "git_commit": git_commit(),
         "load_average_at_start": load_average(),
     }

@@ -142,6 +142,7 @@ def markdown(result: Dict[str, Any]) -> str:
 
 
 def main(argv=None):
+    common.prepare_process()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=["t8", "t12", "s12", "sa12", "sa24", "sa36", "ma36"])
     p.add_argument("--image_size", type=int, default=256)

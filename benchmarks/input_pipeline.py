@@ -151,6 +151,7 @@ def markdown(result: Dict[str, Any]) -> str:
 
 
 def main(argv=None):
+    common.prepare_process()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--batch", type=int, default=32)

@@ -129,7 +129,7 @@ def to_markdown(report: dict) -> str:
              f"Machine: {m['cpu_model']} ({m['cpu_id']}, {m['cpu_flags']}), {m['cpu_cores']} cores, "
              f"{m['mem_total_gib']} GiB; JAX {m['jax']} ({m['jax_backend']}: {', '.join(sorted(set(m['jax_devices'])))})"
              f", flax {m['flax']}, torch {m['torch']} ({m.get('torch_threads')} threads); XLA CPU threads: "
-             f"{m['xla_cpu_threads']}; XLA_FLAGS={m['XLA_FLAGS'] or '(none)'}; commit {m['git_commit']}.", ""]
+             f"{m['xla_cpu_threads']}; XLA_FLAGS={m['XLA_FLAGS'] or '(none)'}; host memory: {m.get('host_malloc', '?')}; commit {m['git_commit']}.", ""]
     secs = report["sections"]
     render = [("inference", "Inference (img/s, median of round-robin timings; min–max in brackets)", inference),
               ("train", "Training step (fwd + bwd + AdamW, BN in train mode)", train_step),
@@ -146,6 +146,7 @@ def to_markdown(report: dict) -> str:
 
 
 def main(argv=None):
+    common.prepare_process()
     args = parse_args(argv)
     report = run(args)
     md = to_markdown(report)

@@ -245,6 +245,7 @@ def markdown(result: Dict[str, Any]) -> str:
 
 
 def main(argv=None):
+    common.prepare_process()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=["t8"])
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[8])

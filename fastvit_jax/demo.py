@@ -21,6 +21,10 @@ _flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
 os.environ["XLA_FLAGS"] = " ".join(_flags + ["--xla_force_host_platform_device_count=8"])
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from fastvit_jax import host_memory  # noqa: E402  (imports neither JAX nor PyTorch)
+
+host_memory.keep_freed_host_memory()  # before JAX starts its threads
+
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import shutil  # noqa: E402
