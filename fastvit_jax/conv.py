@@ -146,11 +146,82 @@ def _conv2d_shift_bwd(stride, padding, residuals, g):
 conv2d_shift.defvjp(_conv2d_shift_fwd, _conv2d_shift_bwd)
 
 
+def _as_rows(a: jax.Array) -> jax.Array:
+    """(B, H, W, C) -> (B*H*W, C) in float32."""
+    return a.reshape(-1, a.shape[-1]).astype(jnp.float32)
+
+
+def _undo_stride(d: jax.Array, shape, stride: int) -> jax.Array:
+    """Gradient of ``x[:, ::stride, ::stride, :]`` : scatter d back into zeros of ``shape``."""
+    if stride == 1:
+        return d
+    _, h, w, _ = shape
+    return lax.pad(d, jnp.zeros((), d.dtype), ((0, 0, 0), (0, h - 1 - (d.shape[1] - 1) * stride, stride - 1),
+                                               (0, w - 1 - (d.shape[2] - 1) * stride, stride - 1), (0, 0, 0)))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv2d_pointwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """A dense 1x1 conv as a matmul over channels."""
+    """A dense 1x1 conv as a matmul over channels.
+
+    The gradient is hand-written as two plain (rows, C) matmuls: XLA:CPU sends autodiff's
+    4-D contraction for the kernel gradient to a slow generic dot (7 ms instead of 0.7 ms for
+    the stem's 3->48 conv at batch 8).
+    """
     if stride > 1:
         x = x[:, ::stride, ::stride, :]
     return jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0], preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _conv2d_pointwise_fwd(x, kernel, stride):
+    return conv2d_pointwise(x, kernel, stride), (x, kernel)
+
+
+def _conv2d_pointwise_bwd(stride, residuals, g):
+    x, kernel = residuals
+    xs = x[:, ::stride, ::stride, :] if stride > 1 else x
+    g_rows = _as_rows(g)
+    dkernel = jnp.dot(_as_rows(xs).T, g_rows)[None, None]
+    dxs = jnp.dot(g_rows, kernel[0, 0].astype(jnp.float32).T).reshape(xs.shape)
+    return _undo_stride(dxs, x.shape, stride).astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+conv2d_pointwise.defvjp(_conv2d_pointwise_fwd, _conv2d_pointwise_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d_dense_small(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """A dense k x k conv with few input channels (FastViT's stem: 3x3, 3 -> C, stride 2).
+
+    Forward and input gradient are XLA's native conv; the kernel gradient is an im2col matmul
+    ((kh*kw*C_in, rows) @ (rows, C_out)), 6x faster on CPU than the native conv's kernel
+    gradient (1.9 vs 11.5 ms for the stem at batch 8, 256 px).
+    """
+    return conv2d_native(x, kernel, stride, padding, 1)
+
+
+def _conv2d_dense_small_fwd(x, kernel, stride, padding):
+    return conv2d_dense_small(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv2d_dense_small_bwd(stride, padding, residuals, g):
+    x, kernel = residuals
+    kh, kw, cin, cout = kernel.shape
+    _, dx_fn = jax.vjp(lambda a: conv2d_native(a, kernel, stride, padding, 1), x)
+    (dx,) = dx_fn(g)
+    b, out_h, out_w, _ = g.shape
+    xp = _pad_hw(x, padding)
+    patches = jnp.concatenate(
+        [lax.slice(xp, (0, i, j, 0), (b, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, cin),
+                   (1, stride, stride, 1)) for i in range(kh) for j in range(kw)], axis=-1)  # (..., kh*kw*cin)
+    dkernel = jnp.dot(_as_rows(patches).T, _as_rows(g)).reshape(kh, kw, cin, cout)
+    return dx, dkernel.astype(kernel.dtype)
+
+
+conv2d_dense_small.defvjp(_conv2d_dense_small_fwd, _conv2d_dense_small_bwd)
+
+# im2col rows for the kernel gradient stay small up to this many kh*kw*C_in columns
+DENSE_SMALL_MAX_COLUMNS = 64
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0, groups: int = 1,
@@ -168,4 +239,6 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
             return conv2d_shift(x, kernel, stride, padding)
         if groups == 1 and kh == kw == 1 and padding == 0:
             return conv2d_pointwise(x, kernel, stride)
+        if groups == 1 and kh * kw * in_per_group <= DENSE_SMALL_MAX_COLUMNS:
+            return conv2d_dense_small(x, kernel, stride, padding)
     return conv2d_native(x, kernel, stride, padding, groups)

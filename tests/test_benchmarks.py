@@ -112,6 +112,8 @@ def test_conv_macs_match_official_t8():
 CONV_CASES = [
     ((2, 16, 16, 3), (3, 3, 3, 8), 2, 1, 1),      # stem dense 3x3 s2
     ((2, 16, 16, 3), (1, 1, 3, 8), 2, 0, 1),      # stem conv_scale 1x1 s2
+    ((2, 9, 7, 3), (3, 3, 3, 8), 2, 1, 1),        # stem dense 3x3 s2, odd sizes
+    ((2, 9, 7, 8), (1, 1, 8, 8), 2, 0, 1),        # 1x1 s2, odd sizes
     ((2, 16, 16, 8), (3, 3, 1, 8), 2, 1, 8),      # stem dw 3x3 s2
     ((2, 8, 8, 8), (1, 1, 8, 8), 1, 0, 1),        # 1x1
     ((2, 8, 8, 8), (3, 3, 1, 8), 1, 1, 8),        # RepMixer dw 3x3
@@ -143,9 +145,10 @@ def test_conv_lowerings_agree(xs, ks, stride, padding, groups):
     np.testing.assert_allclose(b, a, atol=1e-5 * max(1.0, float(np.abs(a).max())), rtol=0)
 
 
-@pytest.mark.parametrize("xs,ks,stride,padding,groups", [c for c in CONV_CASES if c[4] > 1])
+@pytest.mark.parametrize("xs,ks,stride,padding,groups", CONV_CASES)
 def test_conv_lowering_gradients_agree(xs, ks, stride, padding, groups):
-    """The shift lowering's gradients (custom VJP for stride-1 depthwise) match the native conv's."""
+    """The shift lowering's hand-written VJPs (depthwise/multiplier, 1x1, small dense) match
+    autodiff of the native conv, for the input and the kernel."""
     import jax
     import jax.numpy as jnp
 
