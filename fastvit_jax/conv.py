@@ -40,6 +40,14 @@ def conv2d_native(x: jax.Array, kernel: jax.Array, stride: int, padding: int, gr
         preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+def _windows(xp: jax.Array, kh: int, kw: int, stride: int, out_h: int, out_w: int) -> list:
+    """The kh*kw strided windows of a padded (B, Hp, Wp, C) input, each (B, out_h, out_w, C), row-major."""
+    b, _, _, c = xp.shape
+    return [lax.slice(xp, (0, i, j, 0), (b, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
+                      (1, stride, stride, 1))
+            for i in range(kh) for j in range(kw)]
+
+
 def _shifted_sum(xp: jax.Array, weights: jax.Array, stride: int, out_h: int, out_w: int) -> jax.Array:
     """sum over taps of strided windows of a padded input times per-channel weights.
 
@@ -50,9 +58,7 @@ def _shifted_sum(xp: jax.Array, weights: jax.Array, stride: int, out_h: int, out
     """
     kh, kw, c, multiplier = weights.shape
     b = xp.shape[0]
-    taps = [lax.slice(xp, (0, i, j, 0), (b, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
-                      (1, stride, stride, 1)).astype(jnp.float32)
-            for i in range(kh) for j in range(kw)]
+    taps = [t.astype(jnp.float32) for t in _windows(xp, kh, kw, stride, out_h, out_w)]
     flat = weights.reshape(kh * kw, c, multiplier).astype(jnp.float32)
     outs = []
     for q in range(multiplier):
@@ -133,10 +139,7 @@ def _conv2d_shift_bwd(stride, padding, residuals, g):
         gq = lax.pad(g[..., q], jnp.float32(0), pad_cfg)
         term = _shifted_sum(gq, flipped[..., q:q + 1], 1, h, w)
         dx = term if dx is None else dx + term
-    xp = _pad_hw(x, padding).astype(jnp.float32)
-    taps = [lax.slice(xp, (0, i, j, 0), (b, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, c),
-                      (1, stride, stride, 1))
-            for i in range(kh) for j in range(kw)]
+    taps = _windows(_pad_hw(x, padding).astype(jnp.float32), kh, kw, stride, out_h, out_w)
     dk = jnp.stack([jnp.sum(_folded_products(taps, g[..., q]), axis=(1, 2, 3)) for q in range(multiplier)], axis=-1)
     dkernel = dk.reshape(kh, kw, 1, out_ch)  # (kh*kw, C, multiplier) -> HWIO, channel c * m + q
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
@@ -208,11 +211,8 @@ def _conv2d_dense_small_bwd(stride, padding, residuals, g):
     kh, kw, cin, cout = kernel.shape
     _, dx_fn = jax.vjp(lambda a: conv2d_native(a, kernel, stride, padding, 1), x)
     (dx,) = dx_fn(g)
-    b, out_h, out_w, _ = g.shape
-    xp = _pad_hw(x, padding)
-    patches = jnp.concatenate(
-        [lax.slice(xp, (0, i, j, 0), (b, i + stride * (out_h - 1) + 1, j + stride * (out_w - 1) + 1, cin),
-                   (1, stride, stride, 1)) for i in range(kh) for j in range(kw)], axis=-1)  # (..., kh*kw*cin)
+    _, out_h, out_w, _ = g.shape
+    patches = jnp.concatenate(_windows(_pad_hw(x, padding), kh, kw, stride, out_h, out_w), axis=-1)  # kh*kw*cin
     dkernel = jnp.dot(_as_rows(patches).T, _as_rows(g)).reshape(kh, kw, cin, cout)
     return dx, dkernel.astype(kernel.dtype)
 
