@@ -127,12 +127,18 @@ def _conv_norm(rng, k, cin, cout, groups):
     return {"conv": {"kernel": kernel}, "bn": p}, {"bn": s}
 
 
-def test_fuse_mobileone_all_branches(rng):
-    c = 6
+def _mobileone_dw(rng, c):
+    """(params, batch_stats) of a depthwise 3x3 MobileOne block: conv_kxk_0, conv_scale, identity BN."""
     params, stats = {}, {}
     params["conv_kxk_0"], stats["conv_kxk_0"] = _conv_norm(rng, 3, c, c, c)
     params["conv_scale"], stats["conv_scale"] = _conv_norm(rng, 1, c, c, c)
     params["identity"], stats["identity"] = _bn(rng, c)
+    return params, stats
+
+
+def test_fuse_mobileone_all_branches(rng):
+    c = 6
+    params, stats = _mobileone_dw(rng, c)
     x = jnp.asarray(rng.randn(2, 8, 8, c), jnp.float32)
     ref = (_bn_apply(_conv(x, params["conv_kxk_0"]["conv"]["kernel"], groups=c), params["conv_kxk_0"]["bn"],
                      stats["conv_kxk_0"]["bn"])
@@ -159,10 +165,7 @@ def test_fuse_large_kernel_stride2_multiplier(rng):
 
 def test_fuse_repmixer_absorbs_residual_and_layer_scale(rng):
     c = 5
-    mixer_p, mixer_s = {}, {}
-    mixer_p["conv_kxk_0"], mixer_s["conv_kxk_0"] = _conv_norm(rng, 3, c, c, c)
-    mixer_p["conv_scale"], mixer_s["conv_scale"] = _conv_norm(rng, 1, c, c, c)
-    mixer_p["identity"], mixer_s["identity"] = _bn(rng, c)
+    mixer_p, mixer_s = _mobileone_dw(rng, c)
     norm_p, norm_s = _bn(rng, c)
     gamma = jnp.asarray(rng.uniform(0.2, 0.6, c), jnp.float32)
     params = {"mixer": mixer_p, "norm": {"identity": norm_p}, "layer_scale": {"gamma": gamma}}
