@@ -175,6 +175,16 @@ def setup_torch_threads(n: Optional[int] = None) -> int:
     return n
 
 
+def torch_device():
+    """CUDA if PyTorch sees a GPU (with ``cudnn.benchmark`` on: PyTorch's fastest eager convs), else CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def accelerator_peak_tflops(override: Optional[float] = None) -> Tuple[Optional[float], str]:
     """(peak TFLOP/s, where it came from) for MFU; None on CPU unless given."""
     if override:

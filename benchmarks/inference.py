@@ -25,12 +25,6 @@ from benchmarks import common
 IMPLS_EAGER = ("torch_nchw", "torch_cl")
 
 
-def _torch_device():
-    import torch
-
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def _jax_dtype():
     import jax
     import jax.numpy as jnp
@@ -50,9 +44,13 @@ def nn_gelu(x):
 # Extra JAX configurations timed beside the default one (fused form only, same round-robin);
 # the headline ratio always uses the default. compiler_options are XLA debug options applied to
 # that one compilation (same effect as XLA_FLAGS for the process).
+# "backends": where the experiment runs (None = everywhere).
 JAX_EXPERIMENTS = {
-    "jax+vw512": {"compiler_options": {"xla_cpu_prefer_vector_width": 512}, "cpu_only": True},
-    "jax+nn_gelu": {"gelu": "nn", "cpu_only": False},
+    "jax+vw512": {"compiler_options": {"xla_cpu_prefer_vector_width": 512}, "backends": ("cpu",)},
+    "jax+nn_gelu": {"gelu": "nn", "backends": None},
+    # the lowering not chosen by default: is 'native' (cuDNN / the TPU conv unit) really the faster there?
+    "jax+shift": {"lowering": "shift", "backends": ("gpu", "tpu")},
+    "jax+float32": {"dtype": "float32", "backends": ("gpu", "tpu")},
 }
 
 
@@ -129,7 +127,7 @@ def run_inference(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int] 
     import torch
 
     common.setup_torch_threads()
-    device = _torch_device()
+    device = common.torch_device()
     jdtype = _jax_dtype()
     peak, peak_src = common.accelerator_peak_tflops(peak_tflops)
     rows: List[Dict[str, Any]] = []
@@ -168,15 +166,16 @@ def run_inference(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int] 
 
                     for name in experiments:
                         exp = JAX_EXPERIMENTS[name]
-                        if exp.get("cpu_only") and jax.default_backend() != "cpu":
+                        if exp["backends"] is not None and jax.default_backend() not in exp["backends"]:
                             continue
-                        c2, _, cs2 = build_jax_forward(variant, v, fused=True, batch=batch, image_size=image_size,
-                                                       lowering=lowering, compiler_options=exp.get("compiler_options"),
-                                                       gelu=exp.get("gelu"))
+                        c2, _, cs2 = build_jax_forward(
+                            variant, v, fused=True, batch=batch, image_size=image_size,
+                            lowering=exp.get("lowering", lowering), compiler_options=exp.get("compiler_options"),
+                            gelu=exp.get("gelu"), dtype=np.dtype(exp["dtype"]) if "dtype" in exp else None)
                         fns[f"{name}/{form}"] = (lambda c=c2, v=v, xj=xj: c(v, xj).block_until_ready())
                         yd = np.asarray(c2(v, xj), np.float64)
                         meta[f"{name}/{form}"] = {"compile_s": cs2, "experiment": {
-                            k: val for k, val in exp.items() if k != "cpu_only"},
+                            k: val for k, val in exp.items() if k != "backends"},
                             "max_abs_diff_vs_jax": float(np.abs(yd - np.asarray(compiled(v, xj), np.float64)).max())}
                 if torch_compile and form == "fused":
                     res = try_torch_compile(m_cl, x_cl, device, torch_compile_budget_s)
@@ -226,7 +225,7 @@ def run_inference(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int] 
                         if srow["variant"] == variant and srow["batch"] == batch and srow["form"] == "fused":
                             srow[f"fused_speedup_{impl}"] = sp
     if peak:
-        notes.append(f"MFU against {peak:.0f} TFLOP/s ({peak_src})")
+        notes.append(f"MFU against {peak:.0f} TFLOP/s ({peak_src}); FLOPs = 2 x conv+dot MACs (jaxpr)")
     return {"rows": rows, "summary": summary, "notes": notes,
             "settings": {"repeats": repeats, "warmup": warmup, "image_size": image_size, "torch_device": str(device),
                          "jax_dtype": np.dtype(jdtype).name,
@@ -259,7 +258,9 @@ def markdown(result: Dict[str, Any]) -> str:
                                    "vs best torch eager"], exp_rows)
         out += ("\n\n- jax+vw512: XLA option xla_cpu_prefer_vector_width=512 (AVX-512 codegen for the fused loops)"
                 "\n- jax+nn_gelu: fastvit_jax.layers.gelu (0.5·x·(1+erf(x/√2))) replaced by jax.nn.gelu(approximate=False),"
-                " the same function through erfc, which XLA:CPU expands expensively (the default before 2026-11-25)")
+                " the same function through erfc, which XLA:CPU expands expensively (the default before 2026-11-25)"
+                "\n- jax+shift (accelerators): depthwise/grouped convs as shifted multiply-adds instead of the native conv"
+                "\n- jax+float32 (accelerators): float32 compute instead of bfloat16")
     if result.get("notes"):
         out += "\n\n" + "\n".join(f"- {n}" for n in result["notes"])
     return out

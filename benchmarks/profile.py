@@ -51,12 +51,14 @@ def profile_variant(variant: str, batch: int = 8, image_size: int = 256, repeats
     import torch_ref
 
     common.setup_torch_threads()
+    device = common.torch_device()
     tm = torch_ref.reparameterize_model(common.torch_model(variant))
     variables = common.flax_variables_from_torch(tm)
-    model = fastvit_jax.create_model(variant, inference_mode=True, lowering=lowering)
+    tm = tm.to(device)
+    model = fastvit_jax.create_model(variant, inference_mode=True, lowering=lowering, dtype=_jax_dtype())
     xnp = np.random.RandomState(1).randn(batch, image_size, image_size, 3).astype(np.float32)
     xj = jnp.asarray(xnp)
-    x_nchw = torch.from_numpy(xnp.transpose(0, 3, 1, 2).copy())
+    x_nchw = torch.from_numpy(xnp.transpose(0, 3, 1, 2).copy()).to(device)
     tm_cl = copy.deepcopy(tm).to(memory_format=torch.channels_last)
     x_cl = x_nchw.contiguous(memory_format=torch.channels_last)
     fns: Dict[str, Any] = {}
@@ -72,7 +74,7 @@ def profile_variant(variant: str, batch: int = 8, image_size: int = 256, repeats
     whole = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, jnp.asarray(xnp)).compile()
     xw = jnp.asarray(xnp)
     fns["jax|whole network"] = lambda: whole(variables, xw).block_until_ready()
-    xn = torch.from_numpy(xnp.transpose(0, 3, 1, 2).copy())
+    xn = torch.from_numpy(xnp.transpose(0, 3, 1, 2).copy()).to(device)
     fns["torch_nchw|whole network"] = lambda: _no_grad(tm, xn)
     xc = xn.contiguous(memory_format=torch.channels_last)
     fns["torch_cl|whole network"] = lambda: _no_grad(tm_cl, xc)
@@ -87,36 +89,60 @@ def profile_variant(variant: str, batch: int = 8, image_size: int = 256, repeats
     return {"rows": rows}
 
 
+def _jax_dtype():
+    import jax
+    import jax.numpy as jnp
+
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
 def _no_grad(fn, x):
+    """PyTorch call without autograd; on CUDA under bfloat16 autocast (as the inference benchmark)
+    and synchronized, so that host timers measure the device work."""
     import torch
 
     with torch.inference_mode():
+        if x.is_cuda:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fn(x)
+            torch.cuda.synchronize()
+            return out
         return fn(x)
 
 
 def op_profile(batch: int = 8, hw: int = 64, c: int = 48, mlp_ratio: int = 3, repeats: int = 15) -> Dict[str, Any]:
-    """Single ops at t8 stage-0 shapes: JAX (default lowering) vs torch channels_last."""
+    """Single ops at t8 stage-0 shapes: JAX (default lowering) vs torch channels_last (float32 on CPU;
+    on an accelerator both take bfloat16 inputs)."""
     import jax
     import jax.numpy as jnp
     import torch
-    from jax import lax
 
     from fastvit_jax.conv import conv2d
     from fastvit_jax.layers import gelu as model_gelu
 
     common.setup_torch_threads()
+    device = common.torch_device()
+    jdt = _jax_dtype()
+    tdt = torch.float32 if device.type == "cpu" else torch.bfloat16
     rs = np.random.RandomState(0)
     x = rs.randn(batch, hw, hw, c).astype(np.float32)
     h = rs.randn(batch, hw, hw, c * mlp_ratio).astype(np.float32)
-    xj, hj = jnp.asarray(x), jnp.asarray(h)
-    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).contiguous(memory_format=torch.channels_last)
-    ht = torch.from_numpy(h.transpose(0, 3, 1, 2).copy()).contiguous(memory_format=torch.channels_last)
-    k3 = jnp.asarray(rs.randn(3, 3, 1, c).astype(np.float32))
-    k7 = jnp.asarray(rs.randn(7, 7, 1, c).astype(np.float32))
-    k1 = jnp.asarray(rs.randn(1, 1, c, c * mlp_ratio).astype(np.float32))
-    dw3 = torch.nn.Conv2d(c, c, 3, 1, 1, groups=c).to(memory_format=torch.channels_last)
-    dw7 = torch.nn.Conv2d(c, c, 7, 1, 3, groups=c).to(memory_format=torch.channels_last)
-    pw = torch.nn.Conv2d(c, c * mlp_ratio, 1).to(memory_format=torch.channels_last)
+    xj, hj = jnp.asarray(x, jdt), jnp.asarray(h, jdt)
+
+    def to_torch(a):
+        return torch.from_numpy(a.transpose(0, 3, 1, 2).copy()).to(device, tdt).contiguous(
+            memory_format=torch.channels_last)
+
+    xt, ht = to_torch(x), to_torch(h)
+    k3 = jnp.asarray(rs.randn(3, 3, 1, c), jdt)
+    k7 = jnp.asarray(rs.randn(7, 7, 1, c), jdt)
+    k1 = jnp.asarray(rs.randn(1, 1, c, c * mlp_ratio), jdt)
+
+    def conv(cin, cout, k, groups=1):
+        return torch.nn.Conv2d(cin, cout, k, 1, k // 2, groups=groups).to(device, tdt).to(
+            memory_format=torch.channels_last)
+
+    dw3, dw7, pw = conv(c, c, 3, c), conv(c, c, 7, c), conv(c, c * mlp_ratio, 1)
     tgelu = torch.nn.GELU()
 
     def jit(f, *a):
@@ -124,9 +150,9 @@ def op_profile(batch: int = 8, hw: int = 64, c: int = 48, mlp_ratio: int = 3, re
         return lambda: c_(*a).block_until_ready()
 
     ops = {
-        f"GELU {tuple(h.shape)}|jax: fastvit_jax.layers.gelu (jax.nn.gelu exact: erfc)": jit(model_gelu, hj),
-        f"GELU {tuple(h.shape)}|jax: 0.5x(1+lax.erf(x/√2))": jit(
-            lambda t: 0.5 * t * (1.0 + lax.erf(t * 0.7071067811865476)), hj),
+        f"GELU {tuple(h.shape)}|jax: fastvit_jax.layers.gelu (0.5x(1+lax.erf(x/√2)))": jit(model_gelu, hj),
+        f"GELU {tuple(h.shape)}|jax: jax.nn.gelu(approximate=False) (erfc)": jit(
+            lambda t: jax.nn.gelu(t, approximate=False), hj),
         f"GELU {tuple(h.shape)}|jax: tanh approximation": jit(lambda t: jax.nn.gelu(t, approximate=True), hj),
         f"GELU {tuple(h.shape)}|torch_cl: nn.GELU()": lambda: _no_grad(tgelu, ht),
         f"dw 3x3 {tuple(x.shape)}|jax": jit(lambda a, k: conv2d(a, k, padding=1, groups=c), xj, k3),

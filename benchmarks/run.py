@@ -5,7 +5,7 @@
 
 Sections: params/GMACs (XLA cost analysis, 'native' lowering), inference (JAX vs torch_ref,
 fused and unfused), per-block profile, training step, input pipeline. The same command runs
-on a GPU/TPU host (JAX bfloat16, torch CUDA autocast; MFU from cost analysis and
+on a GPU/TPU host (JAX bfloat16, torch CUDA autocast; MFU from the jaxpr's conv+dot count and
 ``--peak_tflops`` or the table in ``benchmarks.common``).
 
 Numbers on a shared machine are noisy: every section records the load average before and

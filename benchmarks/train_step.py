@@ -77,7 +77,7 @@ def build_jax_step(variant: str, variables: Dict[str, Any], batch: int, image_si
 def build_torch_step(module, batch: int, image_size: int, channels_last: bool, num_classes: int = 1000):
     import torch
 
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = common.torch_device()
     m = copy.deepcopy(module).to(device).train()
     rs = np.random.RandomState(2)
     x = torch.from_numpy(rs.randn(batch, image_size, image_size, 3).astype(np.float32).transpose(0, 3, 1, 2).copy())
@@ -142,18 +142,35 @@ def _scalar(v) -> float:
     return float(v.detach()) if hasattr(v, "detach") else float(v)
 
 
-def _peak_memory(fn, steps: int) -> Dict[str, Optional[float]]:
+def _peak_memory(fn, steps: int, impl: str) -> Dict[str, Optional[float]]:
+    """Host RSS high-water mark over ``steps`` calls; on an accelerator also the device's peak
+    (PyTorch: ``max_memory_allocated`` after a reset; JAX: the allocator's ``peak_bytes_in_use``
+    since the process started, which cannot be reset)."""
     import gc
+
+    import torch
 
     gc.collect()
     base = common.rss_mib()
     ok = common.reset_peak_rss()
+    cuda = torch.cuda.is_available()
+    if cuda and impl.startswith("torch"):
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
         fn()
     peak = common.peak_rss_mib()
-    return {"rss_start_mib": base, "peak_rss_mib": peak if ok else None,
-            "peak_growth_mib": (peak - base) if ok and peak is not None and base is not None else None,
-            "method": "VmHWM after clear_refs" if ok else "unavailable"}
+    out = {"rss_start_mib": base, "peak_rss_mib": peak if ok else None,
+           "peak_growth_mib": (peak - base) if ok and peak is not None and base is not None else None,
+           "method": "VmHWM after clear_refs" if ok else "unavailable"}
+    if impl.startswith("torch") and cuda:
+        out["device_peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    elif impl == "jax":
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            out["device_peak_mib"] = stats["peak_bytes_in_use"] / 2 ** 20
+    return out
 
 
 def run_train_step(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int] = (8,), image_size: int = 256,
@@ -188,7 +205,7 @@ def run_train_step(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int]
                 fns["torch_cl"] = build_torch_step(tm, batch, image_size, channels_last=True)
             # losses of the first step agree (same weights, same batch): a cheap sanity check
             first = {k: _scalar(f()) for k, f in fns.items()}
-            memory = {k: _peak_memory(f, memory_steps) for k, f in fns.items()}
+            memory = {k: _peak_memory(f, memory_steps, k) for k, f in fns.items()}
             common.log(f"[train_step] {variant} b{batch} {image_size}px: timing {len(fns)} implementations x {repeats}")
             times = common.interleaved_timings(fns, repeats=repeats, warmup=warmup)
             by = {}
@@ -217,7 +234,7 @@ def run_train_step(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int]
     return {"rows": rows, "summary": summary,
             "settings": {"repeats": repeats, "warmup": warmup, "optimizer": f"AdamW lr={LR} wd={WD}",
                          "loss": "softmax cross-entropy", "bn": "train mode", "jax_backend": jax.default_backend()},
-            "notes": notes + ([f"MFU against {peak:.0f} TFLOP/s ({peak_src}), train FLOPs = 3 x forward"] if peak else []) + [
+            "notes": notes + ([f"MFU against {peak:.0f} TFLOP/s ({peak_src}), train FLOPs = 3 x forward (2 x conv+dot MACs)"] if peak else []) + [
                 "peak memory: process RSS high-water mark (VmHWM) reset before each framework's own "
                 f"{memory_steps} steps; 'growth' = peak minus RSS at the reset (the whole process, so both "
                 "frameworks' resident models/allocator caches count in the baseline; memory PyTorch freed into "
@@ -232,14 +249,15 @@ def markdown(result: Dict[str, Any]) -> str:
         for r in result["rows"]:
             if (r["variant"], r["batch"]) == (s["variant"], s["batch"]):
                 cells[r["impl"]] = f"{r['img_s']:.1f} ({r['img_s_min']:.1f}–{r['img_s_max']:.1f})"
-                g = r["memory"].get("peak_growth_mib")
+                g = r["memory"].get("device_peak_mib", r["memory"].get("peak_growth_mib"))
                 mems[r["impl"]] = f"{g:.0f}" if g is not None else "–"
         rows.append([s["variant"], s["batch"], s["image_size"], cells["jax"], cells["torch_nchw"],
                      cells.get("torch_cl", "crashes (see notes)"),
                      f"**{s['jax_over_torch']:.2f}×** ({s['jax_over_torch_fastest']:.2f}×)", s["jax_compile_s"],
                      f"{mems['jax']} / {mems['torch_nchw']} / {mems.get('torch_cl', '–')}"])
     head = ["variant", "batch", "px", "JAX img/s (min–max)", "torch NCHW", "torch channels_last",
-            "JAX / best torch: medians (fastest calls)", "JAX compile s", "peak RSS growth MiB (JAX / NCHW / CL)"]
+            "JAX / best torch: medians (fastest calls)", "JAX compile s",
+            "peak MiB (JAX / NCHW / CL): device peak on accelerators, else host RSS growth"]
     out = common.markdown_table(head, rows)
     return out + ("\n\n" + "\n".join(f"- {n}" for n in result.get("notes", [])) if result.get("notes") else "")
 
