@@ -223,6 +223,34 @@ conv2d_dense_small.defvjp(_conv2d_dense_small_fwd, _conv2d_dense_small_bwd)
 DENSE_SMALL_MAX_COLUMNS = 64
 
 
+def materialize(x: jax.Array, token: jax.Array) -> jax.Array:
+    """``x`` unchanged, but computed once and written out whole: XLA cannot fuse its producer
+    into the consumers.
+
+    Why: in a fused RepMixer stage every block is ``x = dwconv3x3(x) + ls * mlp(x)``. With the
+    'shift' lowering the 3x3 conv's centre tap ``slice(pad(x))`` simplifies to ``x`` itself,
+    and XLA:CPU then fuses the elementwise producer of ``x`` (the previous block's residual add,
+    and through it the one before) into each consumer, recomputing the residual stream from the
+    stage input in every block: sa12's stage-2 blocks grew from 6.3 to 11.6 ms along the stage.
+    ``lax.optimization_barrier`` does not stop this (XLA:CPU drops it before fusion); a
+    conditional does, since fusion never crosses its boundary.
+
+    ``token``: any replicated array whose value is only known at run time (a parameter); the
+    predicate ``isnan(token[0])`` comes from it, not from ``x``, so a batch-sharded ``x`` needs
+    no collective. Both branches return ``x`` (the result never depends on the predicate); they
+    are written differently because a conditional with identical branches is removed at once.
+    ``tests/test_fastvit_jax.py`` checks that the compiled fused models keep one per RepMixer.
+    """
+    pred = jnp.isnan(token.reshape(-1)[0])
+    return lax.cond(pred, lambda a: a * 1, lambda a: a, x)
+
+
+def needs_materialized_input(lowering: Optional[str] = None) -> bool:
+    """True where ``materialize`` pays: the 'shift' lowering on the CPU backend (on GPU a
+    conditional would cost a device-to-host sync of its predicate; native convs read ``x`` once)."""
+    return (lowering or default_lowering()) == "shift" and jax.default_backend() == "cpu"
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0, groups: int = 1,
            lowering: Optional[str] = None) -> jax.Array:
     """NHWC convolution, HWIO kernel, symmetric zero padding, PyTorch grouping.
