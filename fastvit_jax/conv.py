@@ -223,25 +223,27 @@ conv2d_dense_small.defvjp(_conv2d_dense_small_fwd, _conv2d_dense_small_bwd)
 DENSE_SMALL_MAX_COLUMNS = 64
 
 
-def materialize(x: jax.Array, token: jax.Array) -> jax.Array:
+def materialize(x: jax.Array) -> jax.Array:
     """``x`` unchanged, but computed once and written out whole: XLA cannot fuse its producer
-    into the consumers.
+    into its consumers.
 
-    Why: in a fused RepMixer stage every block is ``x = dwconv3x3(x) + ls * mlp(x)``. With the
-    'shift' lowering the 3x3 conv's centre tap ``slice(pad(x))`` simplifies to ``x`` itself,
-    and XLA:CPU then fuses the elementwise producer of ``x`` (the previous block's residual add,
-    and through it the one before) into each consumer, recomputing the residual stream from the
-    stage input in every block: sa12's stage-2 blocks grew from 6.3 to 11.6 ms along the stage.
-    ``lax.optimization_barrier`` does not stop this (XLA:CPU drops it before fusion); a
-    conditional does, since fusion never crosses its boundary.
+    Why: with the 'shift' lowering a FastViT block is elementwise work between matmuls, and
+    XLA:CPU fuses cheap elementwise producers into every consumer. In a fused RepMixer stage
+    (``x = dwconv3x3(x) + ls * mlp(x)``) the 3x3 conv's centre tap ``slice(pad(x))`` simplifies
+    to ``x``, and the residual stream was recomputed from the stage input inside every later
+    block: sa12's stage-2 blocks grew from 6.3 to 11.6 ms along the stage, and fused sa12 ran
+    slower than its unfused form. ``lax.optimization_barrier`` alone does not stop this
+    (XLA:CPU drops it before fusion); a conditional does, since fusion never crosses its
+    boundary.
 
-    ``token``: any replicated array whose value is only known at run time (a parameter); the
-    predicate ``isnan(token[0])`` comes from it, not from ``x``, so a batch-sharded ``x`` needs
-    no collective. Both branches return ``x`` (the result never depends on the predicate); they
-    are written differently because a conditional with identical branches is removed at once.
-    ``tests/test_fastvit_jax.py`` checks that the compiled fused models keep one per RepMixer.
+    The predicate is ``isnan`` of a constant hidden behind an optimization barrier: never true,
+    but not folded before the conditional simplifier runs, and replicated, so a batch-sharded
+    ``x`` needs no collective. Both branches return ``x``; they are written differently because
+    a conditional with identical branches is removed at once. ``tests/test_fastvit_jax.py``
+    checks that the compiled models keep one conditional per block: if a new XLA folds it,
+    that test fails (the result stays correct; only the speed would go).
     """
-    pred = jnp.isnan(token.reshape(-1)[0])
+    pred = jnp.isnan(lax.optimization_barrier(jnp.zeros((), jnp.float32)))
     return lax.cond(pred, lambda a: a * 1, lambda a: a, x)
 
 

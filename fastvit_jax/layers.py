@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fastvit_jax.conv import conv2d, materialize, needs_materialized_input
+from fastvit_jax.conv import conv2d
 
 Dtype = Any
 
@@ -57,7 +57,6 @@ class Conv2d(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     lowering: Optional[str] = None
-    materialize_input: bool = False  # see fastvit_jax.conv.materialize (CPU 'shift' lowering only)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -67,8 +66,6 @@ class Conv2d(nn.Module):
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, in_chs // self.groups, self.features), self.param_dtype)
         pad = same_padding(k, self.stride) if self.padding is None else self.padding
-        if self.materialize_input and needs_materialized_input(self.lowering):
-            x = materialize(x, kernel)
         y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride, padding=pad,
                    groups=self.groups, lowering=self.lowering)
         if self.use_bias:
@@ -267,10 +264,8 @@ class RepMixer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.inference_mode:
-            # the input is the residual stream: written out once per block, not recomputed
-            # inside every later block's fusion (fastvit_jax.conv.materialize)
             return Conv2d(self.dim, self.kernel_size, groups=self.dim, use_bias=True, dtype=self.dtype,
-                          lowering=self.lowering, materialize_input=True, name="reparam_conv")(x)
+                          lowering=self.lowering, name="reparam_conv")(x)
         # mixer(x) - norm(x) cancels most of both terms: computed in float32 so that a
         # bfloat16 run does not lose the small difference (the fused form is one conv).
         common = dict(groups=self.dim, use_act=False, dtype=jnp.float32, lowering=self.lowering)

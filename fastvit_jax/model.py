@@ -17,6 +17,7 @@ from fastvit_jax.layers import (
     RepMixerBlock,
     trunc_normal_02,
 )
+from fastvit_jax.conv import materialize, needs_materialized_input
 from fastvit_jax.variants import VariantConfig, drop_path_rates, get_variant
 
 __all__ = ["FastVit", "FastVitStage", "ClassifierHead", "create_model", "drop_path_rates"]
@@ -49,6 +50,8 @@ class FastVitStage(nn.Module):
         if self.pos_emb:
             x = RepConditionalPosEnc(self.dim_out, 7, self.inference_mode, name="pos_emb", **common)(x)
         for i in range(self.depth):
+            if needs_materialized_input(self.lowering):
+                x = materialize(x)  # the residual stream: written once, not recomputed by later blocks
             if self.token_mixer == "repmixer":
                 block = RepMixerBlock(self.dim_out, self.kernel_size, self.mlp_ratio, self.drop, self.drop_path[i],
                                       self.layer_scale_init_value, self.inference_mode, name=f"blocks_{i}", **common)

@@ -302,19 +302,19 @@ def _compiled_forward_hlo(variant, fused, lowering=None, sharded=False):
     return jax.jit(lambda v, xx: model.apply(v, xx)).lower(shapes, x).compile().as_text()
 
 
-@pytest.mark.parametrize("variant,repmixers", [("t8", 10), ("sa12", 10)])
-def test_fused_repmixer_input_is_materialized_on_cpu(variant, repmixers):
-    """fastvit_jax.conv.materialize: the compiled fused forward keeps one conditional (the fusion
-    barrier) per RepMixer block with the CPU 'shift' lowering. Without it XLA:CPU recomputes
-    the residual stream inside every later block (fused sa12 ran at 0.84x its unfused form;
-    with it, 1.18x). If a new XLA drops these conditionals, this fails: check the speed again."""
-    assert _compiled_forward_hlo(variant, True).count(" conditional(") == repmixers
-    assert _compiled_forward_hlo(variant, False).count(" conditional(") == 0  # train form: not needed
+@pytest.mark.parametrize("variant,blocks", [("t8", 10), ("sa12", 12)])
+def test_block_inputs_are_materialized_on_cpu(variant, blocks):
+    """fastvit_jax.conv.materialize: with the CPU 'shift' lowering the compiled forward keeps one
+    conditional (the fusion barrier) per block, in both forms. Without it XLA:CPU recomputed the
+    residual stream inside every later block (fused sa12 ran at 0.84x its unfused form). If a
+    new XLA drops these conditionals, this fails: measure the speed again."""
+    for fused in (True, False):
+        assert _compiled_forward_hlo(variant, fused).count(" conditional(") == blocks
     assert _compiled_forward_hlo(variant, True, lowering="native").count(" conditional(") == 0
 
 
 def test_materialize_needs_no_collective_under_batch_sharding():
-    """The barrier's predicate comes from a replicated parameter, not from the sharded batch:
+    """The barrier's predicate is a replicated constant, not a function of the sharded batch:
     the fused forward over 8 devices moves nothing between them."""
     hlo = _compiled_forward_hlo("t8", True, sharded=True)
     assert hlo.count(" conditional(") == 10
