@@ -54,6 +54,15 @@ JAX_EXPERIMENTS = {
 }
 
 
+EXPERIMENT_NOTES = {
+    "jax+vw512": "XLA option xla_cpu_prefer_vector_width=512 (AVX-512 codegen for the fused loops)",
+    "jax+nn_gelu": "fastvit_jax.layers.gelu (0.5·x·(1+erf(x/√2))) replaced by jax.nn.gelu(approximate=False), the "
+                   "same function through erfc, which XLA:CPU expands expensively (the default before 2026-11-25)",
+    "jax+shift": "depthwise/grouped convs as shifted multiply-adds instead of the native conv",
+    "jax+float32": "float32 compute instead of bfloat16",
+}
+
+
 def build_jax_forward(variant: str, variables: Dict[str, Any], *, fused: bool, batch: int, image_size: int,
                       lowering: Optional[str] = None, dtype=None, compiler_options: Optional[Dict] = None,
                       gelu: Optional[str] = None):
@@ -256,11 +265,8 @@ def markdown(result: Dict[str, Any]) -> str:
         out += "\n\nJAX experiments in the same round-robin (not the default configuration):\n\n" + \
             common.markdown_table(["variant", "batch", "form", "configuration", "img/s", "vs default JAX",
                                    "vs best torch eager"], exp_rows)
-        out += ("\n\n- jax+vw512: XLA option xla_cpu_prefer_vector_width=512 (AVX-512 codegen for the fused loops)"
-                "\n- jax+nn_gelu: fastvit_jax.layers.gelu (0.5·x·(1+erf(x/√2))) replaced by jax.nn.gelu(approximate=False),"
-                " the same function through erfc, which XLA:CPU expands expensively (the default before 2026-11-25)"
-                "\n- jax+shift (accelerators): depthwise/grouped convs as shifted multiply-adds instead of the native conv"
-                "\n- jax+float32 (accelerators): float32 compute instead of bfloat16")
+        shown = {row[3] for row in exp_rows}
+        out += "\n\n" + "\n".join(f"- {name}: {text}" for name, text in EXPERIMENT_NOTES.items() if name in shown)
     if result.get("notes"):
         out += "\n\n" + "\n".join(f"- {n}" for n in result["notes"])
     return out
