@@ -34,7 +34,13 @@ for name in ${STEPS:-inference_t8 inference_sa12 train_t8}; do
     train_t8_shift) step $name ${T_TRAIN:-150} --only flops train --train_variants t8 --flops_variants t8 \
       --batch_sizes 128 --repeats 10 --lowering shift ;;
     profile) step $name ${T_PROFILE:-150} --only profile --profile_variants t8 sa12 --profile_batch 128 ;;
-    *) echo "unknown step $name (inference_t8 inference_sa12 train_t8 train_t8_shift profile)"; exit 2 ;;
+    trace_train|trace_forward)  # where one call's time goes, per HLO op and per model scope
+      echo "== $name (limit ${T_TRACE:-150}s)"; echo "== $name" >>"$OUT/log.txt"
+      timeout ${T_TRACE:-150} python3 -m benchmarks.trace --what ${name#trace_} --variant t8 --batch 128 \
+        --trace_dir /tmp/trace_$name --json "$OUT/$name.json" >"$OUT/$name.md" 2>>"$OUT/log.txt"
+      echo "exit $? after ${SECONDS}s" ;;
+    *) echo "unknown step $name (inference_t8 inference_sa12 train_t8 train_t8_shift profile trace_train" \
+         "trace_forward)"; exit 2 ;;
   esac
 done
 for f in "$OUT"/*.md; do echo "---- $f"; grep -v "^_load" "$f"; done

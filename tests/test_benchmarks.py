@@ -194,3 +194,24 @@ def test_shift_lowering_gradients_stay_local_under_batch_sharding(xs, ks, stride
     for op in ("all-gather", "all-to-all", "collective-permute"):
         assert f" {op}(" not in hlo and f" {op}-start(" not in hlo, op
     assert "all-reduce" in hlo
+
+
+def test_trace_scopes_name_module_and_direction():
+    from benchmarks.trace import scope_of
+
+    fwd = "jit(step)/jvp(FastVit)/FastVit.forward_features/stages_0/blocks_1/mlp/fc1/bhwi,io->bhwo/dot_general"
+    assert scope_of(fwd) == "fwd stages_0/blocks_1/mlp"
+    assert scope_of(fwd.replace("jvp(FastVit)", "transpose(jvp(FastVit))")) == "bwd stages_0/blocks_1/mlp"
+    assert scope_of("jit(f)/stem_0/reparam_conv/conv_general_dilated") == "fwd stem_0/reparam_conv"
+    assert scope_of("jit(step)/optax/adamw/mul").startswith("fwd (outside the model")
+
+
+def test_trace_of_a_tiny_forward(tmp_path):
+    """The profiler trace is read back and its events matched to the executable's HLO ops."""
+    from benchmarks import trace
+
+    r = trace.run_trace("forward", "t8", batch=1, image_size=64, fused=True, steps=2, trace_dir=str(tmp_path))
+    assert r["op_ms_per_call"] > 0 and r["ops"] and all(o["ms"] >= 0 for o in r["ops"])
+    assert abs(sum(s["share"] for s in r["scopes"]) - 1.0) < 0.2  # top scopes cover most of the time
+    assert any(s["scope"].startswith("fwd stages_0") for s in r["scopes"])
+    assert "| HLO op |" in trace.markdown(r)
