@@ -115,6 +115,9 @@ CONV_CASES = [
     ((2, 9, 7, 3), (3, 3, 3, 8), 2, 1, 1),        # stem dense 3x3 s2, odd sizes
     ((2, 9, 7, 8), (1, 1, 8, 8), 2, 0, 1),        # 1x1 s2, odd sizes
     ((2, 16, 16, 8), (3, 3, 1, 8), 2, 1, 8),      # stem dw 3x3 s2
+    ((2, 9, 7, 8), (3, 3, 1, 8), 2, 1, 8),        # stem dw 3x3 s2, odd sizes
+    ((2, 9, 7, 8), (1, 1, 1, 8), 2, 0, 8),        # stem dw block's 1x1 s2 scale branch (phases without taps)
+    ((2, 8, 8, 8), (3, 3, 1, 8), 1, 0, 8),        # dw 3x3 without padding
     ((2, 8, 8, 8), (1, 1, 8, 8), 1, 0, 1),        # 1x1
     ((2, 8, 8, 8), (3, 3, 1, 8), 1, 1, 8),        # RepMixer dw 3x3
     ((2, 8, 8, 8), (7, 7, 1, 8), 1, 3, 8),        # ConvMlp / RepCPE dw 7x7
