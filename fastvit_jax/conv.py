@@ -240,7 +240,8 @@ def materialize(x: jax.Array) -> jax.Array:
     but not folded before the conditional simplifier runs, and replicated, so a batch-sharded
     ``x`` needs no collective. Both branches return ``x``; they are written differently because
     a conditional with identical branches is removed at once. ``tests/test_fastvit_jax.py``
-    checks that the compiled models keep one conditional per block: if a new XLA folds it,
+    checks that the compiled models keep one conditional per block (and between the stem blocks):
+    if a new XLA folds it,
     that test fails (the result stays correct; only the speed would go).
     """
     pred = jnp.isnan(lax.optimization_barrier(jnp.zeros((), jnp.float32)))

@@ -123,7 +123,9 @@ class FastVit(nn.Module):
     def forward_stages(self, x: jax.Array, train: bool = False) -> List[jax.Array]:
         """The four stage outputs, NHWC at strides 4, 8, 16, 32 (the last attention stage included)."""
         x = x.astype(self.dtype)
-        for block in self.stem:
+        for i, block in enumerate(self.stem):
+            if i and needs_materialized_input(self.lowering):
+                x = materialize(x)  # a GELU output, read by the next conv's taps: computed once
             x = block(x, train)
         feats = []
         for stage in self.stages:
