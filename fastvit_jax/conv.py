@@ -241,8 +241,7 @@ def materialize(x: jax.Array) -> jax.Array:
     ``x`` needs no collective. Both branches return ``x``; they are written differently because
     a conditional with identical branches is removed at once. ``tests/test_fastvit_jax.py``
     checks that the compiled models keep one conditional per block (and between the stem blocks):
-    if a new XLA folds it,
-    that test fails (the result stays correct; only the speed would go).
+    if a new XLA folds them, that test fails (the result stays correct; only the speed would go).
     """
     pred = jnp.isnan(lax.optimization_barrier(jnp.zeros((), jnp.float32)))
     return lax.cond(pred, lambda a: a * 1, lambda a: a, x)
