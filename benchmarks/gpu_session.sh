@@ -3,8 +3,8 @@
 #   OUT=/some/dir bash benchmarks/gpu_session.sh
 # Runs under the machine's own python3 and packages (jax with a CUDA plugin, flax, optax, torch;
 # not this project's CPU pins), JAX in bfloat16 and PyTorch under CUDA autocast bfloat16. Each step
-# has its own time limit and writes JSON + Markdown under $OUT (stderr of all steps: $OUT/log.txt),
-# so a step cut off loses only itself.
+# has its own time limit and writes its JSON under $OUT, its Markdown into $OUT/report.md and its stderr into
+# $OUT/log.txt (at most 8 files come back from a lease), so a step cut off loses only itself.
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -19,11 +19,12 @@ step() {  # step NAME SECONDS ARGS...: one benchmarks.run process
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s)"
   echo "== $name" >>"$OUT/log.txt"
-  timeout "$limit" python3 -m benchmarks.run "$@" --out "$OUT/$name.json" >"$OUT/$name.md" 2>>"$OUT/log.txt"
+  echo "## $name" >>"$OUT/report.md"
+  timeout "$limit" python3 -m benchmarks.run "$@" --out "$OUT/$name.json" >>"$OUT/report.md" 2>>"$OUT/log.txt"
   echo "exit $? after ${SECONDS}s"; tail -3 "$OUT/log.txt"
 }
-# STEPS picks and orders the steps (default: the first three, ~6 minutes on an H200).
-for name in ${STEPS:-inference_t8 inference_sa12 train_t8}; do
+# STEPS picks and orders the steps (default: these four, ~7.5 minutes on an H200).
+for name in ${STEPS:-inference_t8 inference_sa12 train_t8 trace_train}; do
   case $name in
     inference_t8) step $name ${T_T8:-210} --only flops inference --variants t8 --flops_variants t8 \
       --batch_sizes 8 128 --repeats 20 --torch_compile ;;
@@ -35,12 +36,12 @@ for name in ${STEPS:-inference_t8 inference_sa12 train_t8}; do
       --batch_sizes 128 --repeats 10 --lowering shift ;;
     profile) step $name ${T_PROFILE:-150} --only profile --profile_variants t8 sa12 --profile_batch 128 ;;
     trace_train|trace_forward)  # where one call's time goes, per HLO op and per model scope
-      echo "== $name (limit ${T_TRACE:-150}s)"; echo "== $name" >>"$OUT/log.txt"
+      echo "== $name (limit ${T_TRACE:-150}s)"; echo "== $name" >>"$OUT/log.txt"; echo "## $name" >>"$OUT/report.md"
       timeout ${T_TRACE:-150} python3 -m benchmarks.trace --what ${name#trace_} --variant t8 --batch 128 \
-        --trace_dir /tmp/trace_$name --json "$OUT/$name.json" >"$OUT/$name.md" 2>>"$OUT/log.txt"
+        --trace_dir /tmp/trace_$name --json "$OUT/$name.json" >>"$OUT/report.md" 2>>"$OUT/log.txt"
       echo "exit $? after ${SECONDS}s" ;;
     *) echo "unknown step $name (inference_t8 inference_sa12 train_t8 train_t8_shift profile trace_train" \
          "trace_forward)"; exit 2 ;;
   esac
 done
-for f in "$OUT"/*.md; do echo "---- $f"; grep -v "^_load" "$f"; done
+grep -v "^_load" "$OUT/report.md"
