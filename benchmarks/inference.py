@@ -48,6 +48,7 @@ def nn_gelu(x):
 JAX_EXPERIMENTS = {
     "jax+vw512": {"compiler_options": {"xla_cpu_prefer_vector_width": 512}, "backends": ("cpu",)},
     "jax+nn_gelu": {"gelu": "nn", "backends": None},
+    "jax+2chains": {"chains": 2, "backends": ("cpu",)},
     # the lowering not chosen by default: is 'native' (cuDNN / the TPU conv unit) really the faster there?
     "jax+shift": {"lowering": "shift", "backends": ("gpu", "tpu")},
     "jax+float32": {"dtype": "float32", "backends": ("gpu", "tpu")},
@@ -58,6 +59,8 @@ EXPERIMENT_NOTES = {
     "jax+vw512": "XLA option xla_cpu_prefer_vector_width=512 (AVX-512 codegen for the fused loops)",
     "jax+nn_gelu": "fastvit_jax.layers.gelu (0.5·x·(1+erf(x/√2))) replaced by jax.nn.gelu(approximate=False), the "
                    "same function through erfc, which XLA:CPU expands expensively (the default before 2026-11-25)",
+    "jax+2chains": "the batch as two independent halves in one jitted call: XLA:CPU runs their ops side by side, "
+                   "so single-threaded ops (YNNPACK's stem conv) keep both cores busy",
     "jax+shift": "depthwise/grouped convs as shifted multiply-adds instead of the native conv",
     "jax+float32": "float32 compute instead of bfloat16",
 }
@@ -65,8 +68,11 @@ EXPERIMENT_NOTES = {
 
 def build_jax_forward(variant: str, variables: Dict[str, Any], *, fused: bool, batch: int, image_size: int,
                       lowering: Optional[str] = None, dtype=None, compiler_options: Optional[Dict] = None,
-                      gelu: Optional[str] = None):
-    """(compiled forward, input, seconds to lower+compile)."""
+                      gelu: Optional[str] = None, chains: int = 1):
+    """(compiled forward, input, seconds to lower+compile).
+
+    ``chains`` > 1: the batch as that many independent slices through the network in one jitted
+    call (outputs concatenated), so that XLA can run their ops side by side."""
     import jax
     import jax.numpy as jnp
 
@@ -76,7 +82,15 @@ def build_jax_forward(variant: str, variables: Dict[str, Any], *, fused: bool, b
     dtype = dtype or _jax_dtype()
     model = fastvit_jax.create_model(variant, inference_mode=fused, dtype=dtype, lowering=lowering)
     x = jnp.asarray(np.random.RandomState(1).randn(batch, image_size, image_size, 3).astype(np.float32))
-    fwd = jax.jit(lambda v, xx: model.apply(v, xx, train=False))
+    if batch % chains:
+        raise ValueError(f"batch {batch} is not divisible into {chains} chains")
+
+    def apply(v, xx):
+        if chains == 1:
+            return model.apply(v, xx, train=False)
+        return jnp.concatenate([model.apply(v, part, train=False) for part in jnp.split(xx, chains)])
+
+    fwd = jax.jit(apply)
     original_gelu = layers.gelu
     t0 = time.perf_counter()
     try:
@@ -177,10 +191,13 @@ def run_inference(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int] 
                         exp = JAX_EXPERIMENTS[name]
                         if exp["backends"] is not None and jax.default_backend() not in exp["backends"]:
                             continue
+                        if batch % exp.get("chains", 1):
+                            continue
                         c2, _, cs2 = build_jax_forward(
                             variant, v, fused=True, batch=batch, image_size=image_size,
                             lowering=exp.get("lowering", lowering), compiler_options=exp.get("compiler_options"),
-                            gelu=exp.get("gelu"), dtype=np.dtype(exp["dtype"]) if "dtype" in exp else None)
+                            gelu=exp.get("gelu"), dtype=np.dtype(exp["dtype"]) if "dtype" in exp else None,
+                            chains=exp.get("chains", 1))
                         fns[f"{name}/{form}"] = (lambda c=c2, v=v, xj=xj: c(v, xj).block_until_ready())
                         yd = np.asarray(c2(v, xj), np.float64)
                         meta[f"{name}/{form}"] = {"compile_s": cs2, "experiment": {
