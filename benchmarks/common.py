@@ -185,6 +185,28 @@ def torch_device():
     return torch.device("cpu")
 
 
+def jax_compute_dtype():
+    """The benchmarks' JAX compute dtype: float32 on CPU, bfloat16 on accelerators."""
+    import jax
+    import jax.numpy as jnp
+
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def torch_infer(fn, x):
+    """``fn(x)`` without autograd; on CUDA under bfloat16 autocast (the accelerators' counterpart of
+    JAX's bfloat16) and synchronized, so that host timers measure the device work."""
+    import torch
+
+    with torch.inference_mode():
+        if x.is_cuda:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fn(x)
+            torch.cuda.synchronize()
+            return out
+        return fn(x)
+
+
 def accelerator_peak_tflops(override: Optional[float] = None) -> Tuple[Optional[float], str]:
     """(peak TFLOP/s, where it came from) for MFU; None on CPU unless given."""
     if override:

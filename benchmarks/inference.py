@@ -25,13 +25,6 @@ from benchmarks import common
 IMPLS_EAGER = ("torch_nchw", "torch_cl")
 
 
-def _jax_dtype():
-    import jax
-    import jax.numpy as jnp
-
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-
-
 def nn_gelu(x):
     """``jax.nn.gelu(approximate=False)``: the exact GELU through erfc, which XLA:CPU expands into a
     much slower sequence (3-4x) than ``fastvit_jax.layers.gelu``'s erf form (same values to ~1e-6).
@@ -79,7 +72,7 @@ def build_jax_forward(variant: str, variables: Dict[str, Any], *, fused: bool, b
     import fastvit_jax
     from fastvit_jax import layers
 
-    dtype = dtype or _jax_dtype()
+    dtype = dtype or common.jax_compute_dtype()
     model = fastvit_jax.create_model(variant, inference_mode=fused, dtype=dtype, lowering=lowering)
     x = jnp.asarray(np.random.RandomState(1).randn(batch, image_size, image_size, 3).astype(np.float32))
     if batch % chains:
@@ -103,30 +96,18 @@ def build_jax_forward(variant: str, variables: Dict[str, Any], *, fused: bool, b
     return compiled, x, compile_s
 
 
-def _torch_forward(module, x, device):
-    import torch
-
-    if device.type == "cuda":
-        def run():
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-                out = module(x)
-            torch.cuda.synchronize()
-            return out
-    else:
-        def run():
-            with torch.inference_mode():
-                return module(x)
-    return run
+def _torch_forward(module, x):
+    return lambda: common.torch_infer(module, x)
 
 
-def try_torch_compile(module, x, device, budget_s: float) -> Dict[str, Any]:
+def try_torch_compile(module, x, budget_s: float) -> Dict[str, Any]:
     """torch.compile(module) and one call; {'fn'|'error', 'compile_s'}. Never raises."""
     import torch
 
     t0 = time.perf_counter()
     try:
         cm = torch.compile(module)
-        run = _torch_forward(cm, x, device)
+        run = _torch_forward(cm, x)
         run()
         dt = time.perf_counter() - t0
         if dt > budget_s:
@@ -151,7 +132,7 @@ def run_inference(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int] 
 
     common.setup_torch_threads()
     device = common.torch_device()
-    jdtype = _jax_dtype()
+    jdtype = common.jax_compute_dtype()
     peak, peak_src = common.accelerator_peak_tflops(peak_tflops)
     rows: List[Dict[str, Any]] = []
     summary: List[Dict[str, Any]] = []
@@ -173,10 +154,10 @@ def run_inference(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int] 
                 xnp = np.asarray(xj)
                 m = torch_models[form].to(device)
                 x_nchw = torch.from_numpy(xnp.transpose(0, 3, 1, 2).copy()).to(device)
-                fns[f"torch_nchw/{form}"] = _torch_forward(m, x_nchw, device)
+                fns[f"torch_nchw/{form}"] = _torch_forward(m, x_nchw)
                 m_cl = __import__("copy").deepcopy(m).to(memory_format=torch.channels_last)
                 x_cl = x_nchw.contiguous(memory_format=torch.channels_last)
-                fns[f"torch_cl/{form}"] = _torch_forward(m_cl, x_cl, device)
+                fns[f"torch_cl/{form}"] = _torch_forward(m_cl, x_cl)
                 tdt = "bfloat16 (autocast)" if device.type == "cuda" else "float32"
                 meta[f"torch_nchw/{form}"] = {"dtype": tdt}
                 meta[f"torch_cl/{form}"] = {"dtype": tdt}
@@ -204,7 +185,7 @@ def run_inference(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int] 
                             k: val for k, val in exp.items() if k != "backends"},
                             "max_abs_diff_vs_jax": float(np.abs(yd - np.asarray(compiled(v, xj), np.float64)).max())}
                 if torch_compile and form == "fused":
-                    res = try_torch_compile(m_cl, x_cl, device, torch_compile_budget_s)
+                    res = try_torch_compile(m_cl, x_cl, torch_compile_budget_s)
                     if "fn" in res:
                         fns[f"torch_compile/{form}"] = res["fn"]
                         meta[f"torch_compile/{form}"] = {"compile_s": res["compile_s"], "dtype": tdt,

@@ -55,7 +55,7 @@ def profile_variant(variant: str, batch: int = 8, image_size: int = 256, repeats
     tm = torch_ref.reparameterize_model(common.torch_model(variant))
     variables = common.flax_variables_from_torch(tm)
     tm = tm.to(device)
-    model = fastvit_jax.create_model(variant, inference_mode=True, lowering=lowering, dtype=_jax_dtype())
+    model = fastvit_jax.create_model(variant, inference_mode=True, lowering=lowering, dtype=common.jax_compute_dtype())
     xnp = np.random.RandomState(1).randn(batch, image_size, image_size, 3).astype(np.float32)
     xj = jnp.asarray(xnp)
     x_nchw = torch.from_numpy(xnp.transpose(0, 3, 1, 2).copy()).to(device)
@@ -68,16 +68,16 @@ def profile_variant(variant: str, batch: int = 8, image_size: int = 256, repeats
             f = jax.jit(lambda v, x, fn=fn: model.apply(v, x, method=fn)).lower(variables, xj).compile()
             shapes[name] = tuple(xj.shape)
             fns[f"jax|{name}"] = (lambda f=f, x=xj: f(variables, x).block_until_ready())
-            fns[f"torch_nchw|{name}"] = (lambda t=t_nchw, x=x_nchw: _no_grad(t, x))
-            fns[f"torch_cl|{name}"] = (lambda t=t_cl, x=x_cl: _no_grad(t, x))
+            fns[f"torch_nchw|{name}"] = (lambda t=t_nchw, x=x_nchw: common.torch_infer(t, x))
+            fns[f"torch_cl|{name}"] = (lambda t=t_cl, x=x_cl: common.torch_infer(t, x))
             xj, x_nchw, x_cl = f(variables, xj), t_nchw(x_nchw), t_cl(x_cl)
     whole = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, jnp.asarray(xnp)).compile()
     xw = jnp.asarray(xnp)
     fns["jax|whole network"] = lambda: whole(variables, xw).block_until_ready()
     xn = torch.from_numpy(xnp.transpose(0, 3, 1, 2).copy()).to(device)
-    fns["torch_nchw|whole network"] = lambda: _no_grad(tm, xn)
+    fns["torch_nchw|whole network"] = lambda: common.torch_infer(tm, xn)
     xc = xn.contiguous(memory_format=torch.channels_last)
-    fns["torch_cl|whole network"] = lambda: _no_grad(tm_cl, xc)
+    fns["torch_cl|whole network"] = lambda: common.torch_infer(tm_cl, xc)
     common.log(f"[profile] {variant} b{batch}: timing {len(fns)} pieces x {repeats}")
     times = common.interleaved_timings(fns, repeats=repeats, warmup=2)
     rows = []
@@ -87,27 +87,6 @@ def profile_variant(variant: str, batch: int = 8, image_size: int = 256, repeats
         rows.append({"variant": variant, "batch": batch, "piece": name, "impl": impl, "input_shape_nhwc":
                      shapes.get(name, (batch, image_size, image_size, 3)), **s})
     return {"rows": rows}
-
-
-def _jax_dtype():
-    import jax
-    import jax.numpy as jnp
-
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-
-
-def _no_grad(fn, x):
-    """PyTorch call without autograd; on CUDA under bfloat16 autocast (as the inference benchmark)
-    and synchronized, so that host timers measure the device work."""
-    import torch
-
-    with torch.inference_mode():
-        if x.is_cuda:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = fn(x)
-            torch.cuda.synchronize()
-            return out
-        return fn(x)
 
 
 def op_profile(batch: int = 8, hw: int = 64, c: int = 48, mlp_ratio: int = 3, repeats: int = 15) -> Dict[str, Any]:
@@ -122,7 +101,7 @@ def op_profile(batch: int = 8, hw: int = 64, c: int = 48, mlp_ratio: int = 3, re
 
     common.setup_torch_threads()
     device = common.torch_device()
-    jdt = _jax_dtype()
+    jdt = common.jax_compute_dtype()
     tdt = torch.float32 if device.type == "cpu" else torch.bfloat16
     rs = np.random.RandomState(0)
     x = rs.randn(batch, hw, hw, c).astype(np.float32)
@@ -154,13 +133,13 @@ def op_profile(batch: int = 8, hw: int = 64, c: int = 48, mlp_ratio: int = 3, re
         f"GELU {tuple(h.shape)}|jax: jax.nn.gelu(approximate=False) (erfc)": jit(
             lambda t: jax.nn.gelu(t, approximate=False), hj),
         f"GELU {tuple(h.shape)}|jax: tanh approximation": jit(lambda t: jax.nn.gelu(t, approximate=True), hj),
-        f"GELU {tuple(h.shape)}|torch_cl: nn.GELU()": lambda: _no_grad(tgelu, ht),
+        f"GELU {tuple(h.shape)}|torch_cl: nn.GELU()": lambda: common.torch_infer(tgelu, ht),
         f"dw 3x3 {tuple(x.shape)}|jax": jit(lambda a, k: conv2d(a, k, padding=1, groups=c), xj, k3),
-        f"dw 3x3 {tuple(x.shape)}|torch_cl": lambda: _no_grad(dw3, xt),
+        f"dw 3x3 {tuple(x.shape)}|torch_cl": lambda: common.torch_infer(dw3, xt),
         f"dw 7x7 {tuple(x.shape)}|jax": jit(lambda a, k: conv2d(a, k, padding=3, groups=c), xj, k7),
-        f"dw 7x7 {tuple(x.shape)}|torch_cl": lambda: _no_grad(dw7, xt),
+        f"dw 7x7 {tuple(x.shape)}|torch_cl": lambda: common.torch_infer(dw7, xt),
         f"1x1 {c}->{c * mlp_ratio} {tuple(x.shape)}|jax": jit(lambda a, k: conv2d(a, k), xj, k1),
-        f"1x1 {c}->{c * mlp_ratio} {tuple(x.shape)}|torch_cl": lambda: _no_grad(pw, xt),
+        f"1x1 {c}->{c * mlp_ratio} {tuple(x.shape)}|torch_cl": lambda: common.torch_infer(pw, xt),
     }
     times = common.interleaved_timings(ops, repeats=repeats, warmup=2)
     rows = []

@@ -39,7 +39,7 @@ def build_jax_step(variant: str, variables: Dict[str, Any], batch: int, image_si
     import fastvit_jax
 
     model = fastvit_jax.create_model(variant, num_classes=num_classes, lowering=lowering,
-                                     dtype=jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+                                     dtype=common.jax_compute_dtype())
     tx = optax.adamw(LR, weight_decay=WD)
     params = variables["params"]
     state = (params, variables["batch_stats"], tx.init(params))
