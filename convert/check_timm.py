@@ -37,11 +37,6 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
 TOLERANCE = 1e-4  # max |Δlogit| / max |logit| (float32, same weights)
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
 def _shapes(sd) -> Dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in sd.items()}
 
@@ -53,16 +48,7 @@ def _diff_keys(found: Dict[str, tuple], expected: Dict[str, tuple]) -> Dict[str,
                                if found[k] != expected[k]][:10]}
 
 
-def _timm_fuse(model):
-    for m in list(model.modules()):
-        if hasattr(m, "reparameterize"):
-            m.reparameterize()
-    return model.eval()
-
-
 def check_variant(variant: str, image_size: int = 128, batch: int = 2) -> Dict[str, Any]:
-    import copy
-
     import jax
     import jax.numpy as jnp
     import timm
@@ -71,7 +57,7 @@ def check_variant(variant: str, image_size: int = 128, batch: int = 2) -> Dict[s
     import fastvit_jax
     import torch_ref
     from convert.core import convert_state_dict
-    from torch_ref.testing import make_nontrivial
+    from torch_ref.testing import make_nontrivial, relative_error
 
     t0 = time.perf_counter()
     res: Dict[str, Any] = {"variant": variant, "checks": {}}
@@ -92,9 +78,9 @@ def check_variant(variant: str, image_size: int = 128, batch: int = 2) -> Dict[s
     with torch.no_grad():
         y_timm = tm(x).numpy()
         y_ours = ours(x).numpy()
-    res["rel_err"] = {"torch_ref_vs_timm_unfused": _rel(y_ours, y_timm)}
+    res["rel_err"] = {"torch_ref_vs_timm_unfused": relative_error(y_ours, y_timm)}
 
-    tm_fused = _timm_fuse(copy.deepcopy(tm))
+    tm_fused = torch_ref.reparameterize_model(tm)  # a copy; each timm module fuses itself (reparameterize())
     ours_fused = torch_ref.reparameterize_model(ours)
     fused_sd = tm_fused.state_dict()
     empty_fused = torch_ref.create_model(variant, num_classes=1000, inference_mode=True)
@@ -105,11 +91,11 @@ def check_variant(variant: str, image_size: int = 128, batch: int = 2) -> Dict[s
     else:
         empty_fused.load_state_dict(fused_sd, strict=True)
         with torch.no_grad():
-            res["rel_err"]["torch_ref_loads_timm_fused"] = _rel(empty_fused.eval()(x).numpy(), y_timm)
+            res["rel_err"]["torch_ref_loads_timm_fused"] = relative_error(empty_fused.eval()(x).numpy(), y_timm)
     with torch.no_grad():
         y_timm_fused = tm_fused(x).numpy()
-        res["rel_err"]["timm_fused_vs_timm_unfused"] = _rel(y_timm_fused, y_timm)
-        res["rel_err"]["torch_ref_fused_vs_timm_fused"] = _rel(ours_fused(x).numpy(), y_timm_fused)
+        res["rel_err"]["timm_fused_vs_timm_unfused"] = relative_error(y_timm_fused, y_timm)
+        res["rel_err"]["torch_ref_fused_vs_timm_fused"] = relative_error(ours_fused(x).numpy(), y_timm_fused)
 
     x_nhwc = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
     for name, sd, fused in (("jax_unfused_from_timm", tm.state_dict(), False),
@@ -118,7 +104,7 @@ def check_variant(variant: str, image_size: int = 128, batch: int = 2) -> Dict[s
         conv = convert_state_dict(sd, variant=variant, fused=fused)
         model = fastvit_jax.create_model(variant, num_classes=1000, inference_mode=conv.form == "fused")
         y = jax.jit(lambda v, xx, m=model: m.apply(v, xx, train=False))(conv.variables, x_nhwc)
-        res["rel_err"][f"{name}_vs_timm"] = _rel(np.asarray(y), y_timm)
+        res["rel_err"][f"{name}_vs_timm"] = relative_error(np.array(y), y_timm)
     res["checks"]["logits_within_tolerance"] = all(v <= TOLERANCE for v in res["rel_err"].values())
     res["logit_std"] = float(np.std(y_timm))
     res["seconds"] = time.perf_counter() - t0

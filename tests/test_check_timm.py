@@ -10,7 +10,6 @@ benchmarks/results/timm-1.0.31-check.json.
 import sys
 import types
 
-import pytest
 from torch import nn
 
 import torch_ref
