@@ -15,31 +15,33 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIE
   python3 -c "import sys, jax, flax, optax, torch; print(sys.version.split()[0], 'jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/log.txt"
 
-step() {  # step NAME SECONDS ARGS...: one benchmarks.run process
+step() {  # step NAME SECONDS COMMAND...: one process; JSON per step, Markdown to report.md
   local name=$1 limit=$2; shift 2
   echo "== $name (limit ${limit}s)"
   echo "== $name" >>"$OUT/log.txt"
   echo "## $name" >>"$OUT/report.md"
-  timeout "$limit" python3 -m benchmarks.run "$@" --out "$OUT/$name.json" >>"$OUT/report.md" 2>>"$OUT/log.txt"
+  timeout "$limit" "$@" >>"$OUT/report.md" 2>>"$OUT/log.txt"
   echo "exit $? after ${SECONDS}s"; tail -3 "$OUT/log.txt"
+}
+bench() {  # bench NAME SECONDS ARGS...: a benchmarks.run step
+  local name=$1 limit=$2; shift 2
+  step "$name" "$limit" python3 -m benchmarks.run "$@" --out "$OUT/$name.json"
 }
 # STEPS picks and orders the steps (default: these four, ~7.5 minutes on an H200).
 for name in ${STEPS:-inference_t8 inference_sa12 train_t8 trace_train}; do
   case $name in
-    inference_t8) step $name ${T_T8:-210} --only flops inference --variants t8 --flops_variants t8 \
+    inference_t8) bench $name ${T_T8:-210} --only flops inference --variants t8 --flops_variants t8 \
       --batch_sizes 8 128 --repeats 20 --torch_compile ;;
-    inference_sa12) step $name ${T_SA12:-150} --only flops inference --variants sa12 --flops_variants sa12 \
+    inference_sa12) bench $name ${T_SA12:-150} --only flops inference --variants sa12 --flops_variants sa12 \
       --batch_sizes 128 --repeats 20 --torch_compile ;;
-    train_t8) step $name ${T_TRAIN:-150} --only flops train --train_variants t8 --flops_variants t8 \
+    train_t8) bench $name ${T_TRAIN:-150} --only flops train --train_variants t8 --flops_variants t8 \
       --batch_sizes 128 --repeats 10 ;;
-    train_t8_shift) step $name ${T_TRAIN:-150} --only flops train --train_variants t8 --flops_variants t8 \
+    train_t8_shift) bench $name ${T_TRAIN:-150} --only flops train --train_variants t8 --flops_variants t8 \
       --batch_sizes 128 --repeats 10 --lowering shift ;;
-    profile) step $name ${T_PROFILE:-150} --only profile --profile_variants t8 sa12 --profile_batch 128 ;;
+    profile) bench $name ${T_PROFILE:-150} --only profile --profile_variants t8 sa12 --profile_batch 128 ;;
     trace_train|trace_forward)  # where one call's time goes, per HLO op and per model scope
-      echo "== $name (limit ${T_TRACE:-150}s)"; echo "== $name" >>"$OUT/log.txt"; echo "## $name" >>"$OUT/report.md"
-      timeout ${T_TRACE:-150} python3 -m benchmarks.trace --what ${name#trace_} --variant t8 --batch 128 \
-        --trace_dir /tmp/trace_$name --json "$OUT/$name.json" >>"$OUT/report.md" 2>>"$OUT/log.txt"
-      echo "exit $? after ${SECONDS}s" ;;
+      step $name ${T_TRACE:-150} python3 -m benchmarks.trace --what ${name#trace_} --variant t8 --batch 128 \
+        --trace_dir /tmp/trace_$name --json "$OUT/$name.json" ;;
     *) echo "unknown step $name (inference_t8 inference_sa12 train_t8 train_t8_shift profile trace_train" \
          "trace_forward)"; exit 2 ;;
   esac

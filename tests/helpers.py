@@ -55,3 +55,11 @@ def assert_parity(out: np.ndarray, ref: np.ndarray, tol: float = 1e-5, what: str
     assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
     assert (out.argmax(-1) == ref.argmax(-1)).all(), f"{what}: top-1 differs"
     return err
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute")
+
+
+def collectives_in(hlo_text: str) -> set:
+    """The cross-device ops (sync or async-start form) in a compiled module's HLO text."""
+    return {op for op in COLLECTIVES if f" {op}(" in hlo_text or f" {op}-start(" in hlo_text}
