@@ -326,11 +326,11 @@ def torch_model(variant: str, seed: int = 0, calib_size: int = 64, num_classes: 
 
 
 def flax_variables_from_torch(module) -> Dict[str, Any]:
-    """torch_ref state_dict -> Flax variables (jnp arrays) via ``convert.mapping.torch_to_flax``."""
+    """torch_ref state_dict -> Flax variables (jnp arrays) via ``fastvit_jax.weights.keys.torch_to_flax``."""
     import jax
     import jax.numpy as jnp
 
-    from convert.mapping import torch_to_flax
+    from fastvit_jax.weights.keys import torch_to_flax
 
     return jax.tree.map(jnp.asarray, torch_to_flax(module.state_dict()))
 

@@ -2,7 +2,7 @@
 
 Both frameworks run the *same weights*: a torch_ref model made non-trivial
 (``torch_ref.testing.make_nontrivial``), fused with ``torch_ref.reparameterize_model``, and both
-forms converted with ``convert.mapping.torch_to_flax``. All implementations of one
+forms converted with ``fastvit_jax.weights.keys.torch_to_flax``. All implementations of one
 (variant, batch) are timed round-robin in this process (see ``benchmarks.common``).
 
 On CPU JAX runs float32 with the backend's default conv lowering ('shift', see

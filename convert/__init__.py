@@ -1,4 +1,7 @@
-"""convert: PyTorch <-> Flax checkpoint conversion for FastViT (torch_ref/timm and Apple layouts)."""
+"""convert: PyTorch <-> Flax checkpoint conversion for FastViT (torch_ref/timm and Apple layouts).
+
+The torch-free library is ``fastvit_jax.weights``; these names are re-exported for convenience.
+"""
 
 from convert.core import (  # noqa: F401
     ConversionError,

@@ -4,7 +4,7 @@
   python convert/flax2torch.py VARIABLES OUTPUT [--layout timm|apple] [--variant V] [--overwrite]
 
 VARIABLES: a file written by fastvit_jax.save_variables (torch2flax, the trainer's export).
-OUTPUT: .safetensors or .pth / .pth.tar; loads strictly into torch_ref.create_model (layout
+OUTPUT: .safetensors (written without PyTorch) or .pth / .pth.tar (needs PyTorch); loads strictly into torch_ref.create_model (layout
 'timm', also timm's FastViT) or Apple's ml-fastvit (layout 'apple'). Fused variables give a
 fused state_dict (torch_ref.create_model(v, inference_mode=True)).
 """
@@ -20,8 +20,9 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
     sys.path.insert(0, _root)
 
-from convert.core import ConversionError, save_torch_state_dict, variables_to_state_dict  # noqa: E402
-from convert.layouts import LAYOUTS  # noqa: E402
+from convert.core import ConversionError, save_state_dict  # noqa: E402
+from fastvit_jax.weights.layouts import LAYOUTS  # noqa: E402
+from fastvit_jax.weights.state_dict import variables_to_arrays  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,14 +47,14 @@ def main(argv=None) -> int:
             variables = load_variables(args.variables)
         except (FileNotFoundError, ValueError) as e:
             raise ConversionError(str(e)) from None
-        sd, variant, form = variables_to_state_dict(variables, layout=args.layout, variant=args.variant)
+        sd, variant, form = variables_to_arrays(variables, layout=args.layout, variant=args.variant)
         print(f"[2/3] FastViT-{variant}, {form} form, {len(sd)} tensors in the {args.layout} layout", flush=True)
-        save_torch_state_dict(args.output, sd, overwrite=args.overwrite,
-                              metadata={"variant": variant, "form": form, "layout": args.layout})
+        save_state_dict(args.output, sd, overwrite=args.overwrite,
+                        metadata={"variant": variant, "form": form, "layout": args.layout})
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    n = sum(v.numel() for k, v in sd.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    n = sum(v.size for k, v in sd.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     print(f"[3/3] wrote {args.output}")
     print(f"summary: variant={variant} layout={args.layout} form={form} params={n:,} file={args.output}")
     return 0

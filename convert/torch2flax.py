@@ -3,8 +3,8 @@
 
   python convert/torch2flax.py CHECKPOINT OUTPUT [--variant V] [--fused] [--ema] [--overwrite]
 
-CHECKPOINT: .pth / .pth.tar (bare, or wrapped in state_dict / model / state_dict_ema; 'module.'
-prefixes stripped) or .safetensors, in the torch_ref/timm layout or Apple's ml-fastvit layout,
+CHECKPOINT: .safetensors (read without PyTorch) or .pth / .pth.tar (bare, or wrapped in state_dict / model / state_dict_ema; 'module.'
+prefixes stripped; needs PyTorch), in the torch_ref/timm layout or Apple's ml-fastvit layout,
 unfused or fused (*_reparam). Layout, form and variant are detected from keys and shapes.
 Bad input: a message naming the problem and exit code 2; OUTPUT is never half-written.
 """
@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from fastvit_jax.io import save_variables
+    from fastvit_jax.model import create_model
 
     try:
         if os.path.exists(args.output) and not args.overwrite:
@@ -51,9 +52,10 @@ def main(argv=None) -> int:
         print(f"[3/4] {result.layout} layout, {result.source_form} form, FastViT-{result.variant}, "
               f"{result.num_classes} classes" + ("; fused on the JAX side" if result.form != result.source_form else ""),
               flush=True)
-        meta = {"variant": result.variant, "form": result.form, "num_classes": str(result.num_classes),
-                "source": os.path.basename(args.checkpoint), "source_layout": result.layout}
-        write_atomically(args.output, lambda tmp: save_variables(tmp, result.variables, meta), args.overwrite)
+        model = create_model(result.variant, num_classes=result.num_classes, inference_mode=result.form == "fused")
+        meta = {"source": os.path.basename(args.checkpoint), "source_layout": result.layout}
+        write_atomically(args.output, lambda tmp: save_variables(tmp, result.variables, model=model, metadata=meta),
+                         args.overwrite)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

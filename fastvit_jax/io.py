@@ -17,6 +17,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from fastvit_jax.variants import pretrained_cfg
+
 FORMAT = "fastvit_jax.variables/1"
 
 
@@ -50,15 +52,32 @@ def unflatten_variables(flat: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def save_variables(path: str | os.PathLike, variables: Mapping[str, Any],
+def model_metadata(model: Any) -> Dict[str, Any]:
+    """What a FastViT module says about its variables: variant, form, classes, data config."""
+    cfg = model.pretrained_cfg or pretrained_cfg(model.cfg.name, num_classes=model.num_classes)
+    return {
+        "variant": model.cfg.name,
+        "form": "fused" if model.inference_mode else "train",
+        "num_classes": int(model.num_classes),
+        "image_size": int(cfg.input_size[-1]),
+        "pretrained_cfg": cfg.to_dict(),
+    }
+
+
+def save_variables(path: str | os.PathLike, variables: Mapping[str, Any], *, model: Any = None,
                    metadata: Optional[Mapping[str, Any]] = None) -> str:
     """Write ``variables`` to ``path`` (.safetensors) atomically; returns the path.
 
-    ``metadata`` values that are not strings are stored as JSON.
+    ``model`` (the ``FastVit`` the variables belong to) records variant, form, num_classes,
+    image size and the data config (``pretrained_cfg``) in the header, so that
+    ``fastvit_jax.load_model`` needs no arguments; ``metadata`` adds or overrides entries.
+    Values that are not strings are stored as JSON.
     """
     path = os.fspath(path)
+    entries: Dict[str, Any] = dict(model_metadata(model)) if model is not None else {}
+    entries.update(metadata or {})
     meta = {"format": FORMAT}
-    for k, v in (metadata or {}).items():
+    for k, v in entries.items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
     flat = flatten_variables(variables)
     directory = os.path.dirname(os.path.abspath(path))
@@ -67,6 +86,7 @@ def save_variables(path: str | os.PathLike, variables: Mapping[str, Any],
     os.close(fd)
     try:
         save_file(flat, tmp, metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -74,15 +94,40 @@ def save_variables(path: str | os.PathLike, variables: Mapping[str, Any],
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def is_variables_file(keys: Any, metadata: Optional[Mapping[str, str]]) -> bool:
+    """True for a file written by ``save_variables`` (its format tag, or '/'-joined Flax keys)."""
+    if (metadata or {}).get("format") == FORMAT:
+        return True
+    keys = list(keys)
+    return bool(keys) and all(k.split("/", 1)[0] in ("params", "batch_stats") for k in keys)
+
+
 def load_variables(path: str | os.PathLike) -> Dict[str, Any]:
-    """Read a file written by ``save_variables``: nested dict of numpy arrays."""
+    """Read a file written by ``save_variables``: nested dict of numpy arrays.
+
+    A PyTorch state_dict saved as .safetensors (timm's ``model.safetensors``) is refused with a
+    pointer to ``fastvit_jax.load_model``, which reads every checkpoint layout.
+    """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"no variables file at {path!r}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path!r} is not a regular file (a directory or a device?)")
     try:
         flat = load_file(path)
+        meta = load_metadata(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path!r} is not a safetensors variables file written by save_variables: {e}") from e
+    if not is_variables_file(flat, meta):
+        raise ValueError(
+            f"{path!r} holds a PyTorch-layout state_dict (keys like {next(iter(flat), '?')!r}), not Flax variables; "
+            "read it with fastvit_jax.load_model(path) or convert it with convert/torch2flax.py")
     return unflatten_variables(flat)
 
 

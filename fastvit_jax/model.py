@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,8 @@ from fastvit_jax.layers import (
     trunc_normal_02,
 )
 from fastvit_jax.conv import materialize, needs_materialized_input
-from fastvit_jax.variants import VariantConfig, drop_path_rates, get_variant
+from fastvit_jax.variants import PretrainedCfg, VariantConfig, drop_path_rates, get_variant
+from fastvit_jax.variants import pretrained_cfg as default_pretrained_cfg
 
 __all__ = ["FastVit", "FastVitStage", "ClassifierHead", "create_model", "drop_path_rates"]
 
@@ -83,8 +84,9 @@ class ClassifierHead(nn.Module):
 class FastVit(nn.Module):
     """FastViT (Vasu et al., ICCV 2023), Apple's architecture with timm's module names.
 
-    Input: (B, H, W, 3) NHWC, ImageNet-normalized, H and W divisible by 32.
-    Output: (B, num_classes) logits (float32 even with a bfloat16 ``dtype``).
+    Input: (B, H, W, 3) NHWC, normalized as ``pretrained_cfg`` says (ImageNet mean/std), H and W
+    divisible by 32. Output: (B, num_classes) logits (float32 even with a bfloat16 ``dtype``).
+    ``pretrained_cfg`` (set by ``create_model`` / ``load_model``) describes the expected input.
     """
 
     cfg: VariantConfig
@@ -96,6 +98,7 @@ class FastVit(nn.Module):
     layer_scale_init_value: Optional[float] = None
     dtype: Dtype = jnp.float32
     lowering: Optional[str] = None
+    pretrained_cfg: Optional[PretrainedCfg] = None
 
     def setup(self):
         cfg = self.cfg
@@ -120,17 +123,25 @@ class FastVit(nn.Module):
         self.final_conv = MobileOneBlock(prev, cfg.num_features, 3, 1, groups=prev, use_se=True, **common)
         self.head = ClassifierHead(self.num_classes, self.drop_rate, self.dtype)
 
-    def forward_stages(self, x: jax.Array, train: bool = False) -> List[jax.Array]:
-        """The four stage outputs, NHWC at strides 4, 8, 16, 32 (the last attention stage included)."""
+    def forward_stages(self, x: jax.Array, train: bool = False,
+                       out_indices: Optional[Sequence[int]] = None) -> List[jax.Array]:
+        """Stage outputs, NHWC at strides 4, 8, 16, 32 (the last attention stage included).
+
+        ``out_indices`` picks stages (e.g. ``(1, 3)``; negative counts from the end); default all
+        four. Stages after the last requested one are not computed.
+        """
+        n = len(self.cfg.layers)
+        wanted = sorted({i % n for i in range(n)} if out_indices is None else {_stage_index(i, n) for i in out_indices})
         x = x.astype(self.dtype)
         for i, block in enumerate(self.stem):
             if i and needs_materialized_input(self.lowering):
                 x = materialize(x)  # a GELU output, read by the next conv's taps: computed once
             x = block(x, train)
         feats = []
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages[:wanted[-1] + 1]):
             x = stage(x, train)
-            feats.append(x)
+            if i in wanted:
+                feats.append(x)
         return feats
 
     def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -144,16 +155,29 @@ class FastVit(nn.Module):
         return self.forward_head(self.forward_features(x, train), train).astype(jnp.float32)
 
 
+def _stage_index(index: int, num_stages: int) -> int:
+    if not -num_stages <= index < num_stages:
+        raise ValueError(f"out_indices entry {index} is out of range for {num_stages} stages "
+                         f"(valid: 0..{num_stages - 1} or -{num_stages}..-1)")
+    return index % num_stages
+
+
 def create_model(variant: str, *, num_classes: int = 1000, inference_mode: bool = False, drop_path_rate: float = 0.0,
                  dtype: Any = jnp.float32, drop_rate: float = 0.0, lowering: Optional[str] = None,
-                 layer_scale_init_value: Optional[float] = None) -> FastVit:
+                 layer_scale_init_value: Optional[float] = None,
+                 pretrained_cfg: Optional[PretrainedCfg] = None) -> FastVit:
     """Build a FastViT variant ('t8' or 'fastvit_t8').
 
     ``inference_mode=True`` builds the fused graph (the tree ``reparameterize`` produces).
     ``dtype`` is the compute dtype (params stay float32). ``lowering`` forces the conv
     lowering ('native' or 'shift'; default: chosen per backend, see ``fastvit_jax.conv``).
-    Raises ValueError naming the valid variants for an unknown name.
+    ``pretrained_cfg`` (default: ``fastvit_jax.pretrained_cfg(variant, num_classes=...)``) is
+    the data config carried by the model. Raises ValueError naming the valid variants for an
+    unknown name. To use weights from a file, see ``fastvit_jax.load_model``.
     """
-    return FastVit(get_variant(variant), num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+    cfg = get_variant(variant)
+    if pretrained_cfg is None:
+        pretrained_cfg = default_pretrained_cfg(cfg.name, num_classes=num_classes)
+    return FastVit(cfg, num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
                    inference_mode=inference_mode, layer_scale_init_value=layer_scale_init_value, dtype=dtype,
-                   lowering=lowering)
+                   lowering=lowering, pretrained_cfg=pretrained_cfg)

@@ -2,14 +2,14 @@
 
 This module is the single source of truth for the architecture table. It imports
 neither JAX nor PyTorch, so both ``fastvit_jax`` and ``torch_ref`` read it (and so
-does ``convert``). Numbers follow Apple's ml-fastvit code (see
-``shared/docs/fastvit_spec.md`` §1 and §6).
+does ``convert``). Numbers follow Apple's ml-fastvit code; the data configs of the
+released ImageNet weights (``pretrained_cfg``) follow timm's ``fastvit_*.apple_in1k``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
     "VARIANTS",
@@ -21,7 +21,14 @@ __all__ = [
     "OFFICIAL_GMACS",
     "PAPER_NUMBERS",
     "drop_path_rates",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PretrainedCfg",
+    "pretrained_cfg",
 ]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,14 +81,14 @@ _CONFIGS = {
     "s12": VariantConfig("s12", (2, 2, 6, 2), (64, 128, 256, 512), 4.0, _RM4, _NO_PE, 1e-5, 0.9),
     "sa12": VariantConfig("sa12", (2, 2, 6, 2), (64, 128, 256, 512), 4.0, _RM3A, _PE4, 1e-5, 0.9),
     "sa24": VariantConfig("sa24", (4, 4, 12, 4), (64, 128, 256, 512), 4.0, _RM3A, _PE4, 1e-5, 0.9),
-    # Apple's pretrained config says crop 0.95 for sa36; timm says 0.9. We follow Apple.
-    "sa36": VariantConfig("sa36", (6, 6, 18, 6), (64, 128, 256, 512), 4.0, _RM3A, _PE4, 1e-6, 0.95),
+    # crop_pct as timm's apple_in1k configs (0.95 only for ma36); Apple's ml-fastvit config says 0.95 for sa36 too.
+    "sa36": VariantConfig("sa36", (6, 6, 18, 6), (64, 128, 256, 512), 4.0, _RM3A, _PE4, 1e-6, 0.9),
     "ma36": VariantConfig("ma36", (6, 6, 18, 6), (76, 152, 304, 608), 4.0, _RM3A, _PE4, 1e-6, 0.95),
 }
 
 VARIANTS: Tuple[str, ...] = tuple(_CONFIGS)
 
-# Exact counts of Apple's code (train form, fused form), spec §1.
+# Exact counts of Apple's code (train form, fused form).
 OFFICIAL_PARAM_COUNTS = {
     "t8": (4_026_232, 3_996_040),
     "t12": (7_553_704, 7_508_840),
@@ -91,7 +98,7 @@ OFFICIAL_PARAM_COUNTS = {
     "sa36": (31_527_464, 31_457_256),
     "ma36": (44_068_004, 43_984_632),
 }
-# GMACs at 256x256 (train form, fused form), spec §1.
+# GMACs at 256x256 (train form, fused form), from Apple's code.
 OFFICIAL_GMACS = {
     "t8": (0.690, 0.685),
     "t12": (1.398, 1.391),
@@ -134,8 +141,60 @@ def get_variant(variant: str) -> VariantConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PretrainedCfg:
+    """How a model's weights expect their input (timm's ``pretrained_cfg`` / ``resolve_data_config``).
+
+    ``input_size`` is (C, H, W) as in timm; JAX models take NHWC (B, H, W, C). Evaluation
+    resizes the shorter side to ``int(H / crop_pct)`` with ``interpolation``, centre-crops
+    H x W, scales to 0..1 and normalises with ``mean``/``std`` (see ``fastvit_jax.transforms``).
+    """
+
+    variant: str
+    num_classes: int = 1000
+    input_size: Tuple[int, int, int] = (3, 256, 256)
+    crop_pct: float = 0.9
+    crop_mode: str = "center"
+    interpolation: str = "bicubic"
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+    num_features: int = 768
+    first_conv: Tuple[str, ...] = ("stem.0.conv_kxk.0.conv", "stem.0.conv_scale.conv")
+    classifier: str = "head.fc"
+
+    @property
+    def image_size(self) -> int:
+        """Side of the (square) evaluation crop."""
+        return int(self.input_size[-1])
+
+    def replace(self, **changes: Any) -> "PretrainedCfg":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v, tuple) else v)
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PretrainedCfg":
+        """Inverse of ``to_dict``; unknown keys are named in the error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown pretrained_cfg entries {unknown}; known: {sorted(names)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def pretrained_cfg(variant: str, *, num_classes: int = 1000, image_size: Optional[int] = None) -> PretrainedCfg:
+    """The data config of ``variant``'s ImageNet weights: 256 px, crop 0.9 (0.95 for sa36/ma36),
+    bicubic, ImageNet mean/std. ``image_size`` changes the input size (square)."""
+    cfg = get_variant(variant)
+    size = 256 if image_size is None else int(image_size)
+    return PretrainedCfg(variant=cfg.name, num_classes=int(num_classes), input_size=(3, size, size),
+                         crop_pct=cfg.crop_pct, num_features=cfg.num_features)
+
+
+@dataclasses.dataclass(frozen=True)
 class RecipeDefaults:
-    """Apple's training recipe (ml-fastvit train.py defaults + README commands), spec §6."""
+    """Apple's training recipe (ml-fastvit train.py defaults + README commands)."""
 
     epochs: int = 300
     base_lr: float = 1e-3            # at global batch 1024; scaled linearly with batch

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import torch_ref
 from convert import flax2torch, torch2flax
-from convert.layouts import timm_to_apple
+from fastvit_jax.weights.layouts import timm_to_apple
 from fastvit_jax.io import load_metadata, load_variables
 from fastvit_jax.variants import get_variant
 
@@ -101,7 +101,7 @@ def test_mixed_layout(tmp_path, capsys, t8_sd):
 
 def test_missing_keys_named_with_count(tmp_path, capsys, t8_sd):
     sd = {k: v for k, v in t8_sd.items() if not k.startswith("stages.1.blocks.0.mlp")}
-    err = _bad(tmp_path, capsys, sd, "missing keys: stages.1.blocks.0.mlp.conv.conv.weight", "(10 in all)")
+    err = _bad(tmp_path, capsys, sd, "missing keys: stages.1.blocks.0.mlp.conv.bn.weight", "(10 in all)")
     assert "closest is t8" in err
 
 
@@ -129,7 +129,7 @@ def test_unknown_variant_flag(tmp_path, capsys, t8_sd):
 def test_non_float_weight(tmp_path, capsys, t8_sd):
     sd = dict(t8_sd)
     sd["head.fc.bias"] = torch.zeros(1000, dtype=torch.int64)
-    _bad(tmp_path, capsys, sd, "head.fc.bias holds a torch.int64 tensor; a float weight is expected")
+    _bad(tmp_path, capsys, sd, "head.fc.bias holds an int64 tensor; a float weight is expected")
 
 
 def test_nan_weights(tmp_path, capsys, t8_sd):

@@ -13,7 +13,7 @@ import torch
 
 import torch_ref
 from convert.core import convert_state_dict, variables_to_state_dict
-from convert.layouts import timm_to_apple
+from fastvit_jax.weights.layouts import timm_to_apple
 from fastvit_jax.variants import VARIANTS, get_variant
 from tests.helpers import assert_parity, images, jax_logits, torch_fused, torch_model, torch_logits
 
@@ -78,7 +78,7 @@ def _flat(tree, prefix=""):
 
 def test_timm_filter_rules_match_ours_for_apple_unfused():
     """Apple keys -> timm keys with the rules of timm's checkpoint_filter_fn (spec §4) on a hand-written sample."""
-    from convert.layouts import apple_to_timm
+    from fastvit_jax.weights.layouts import apple_to_timm
 
     apple = {k: torch.zeros(1) for k in [
         "patch_embed.0.rbr_conv.0.conv.weight", "patch_embed.2.rbr_skip.running_var",
@@ -97,7 +97,7 @@ def test_timm_filter_rules_match_ours_for_apple_unfused():
 
 def test_apple_fused_keys_that_timm_filter_gets_wrong():
     """Apple's *_reparam: lkb_reparam and the RepCPE's network.6.reparam_conv (spec §4 caveat)."""
-    from convert.layouts import apple_to_timm
+    from fastvit_jax.weights.layouts import apple_to_timm
 
     fused = torch_ref.create_model("sa12", inference_mode=True).state_dict()
     apple = timm_to_apple(fused, get_variant("sa12"))

@@ -1,4 +1,4 @@
-"""PyTorch key layouts: Apple's ml-fastvit <-> timm / torch_ref (spec §4), unfused and fused.
+"""PyTorch key layouts: Apple's ml-fastvit <-> timm / torch_ref, unfused and fused.
 
 timm's own ``checkpoint_filter_fn`` mis-maps Apple's fused ``*_reparam`` checkpoints
 (``lkb_reparam`` is kept, RepCPE's ``network.6.reparam_conv`` lands among the blocks);

@@ -1,6 +1,6 @@
 """timm / torch_ref state_dict <-> Flax variables: key paths, leaf names and array layouts.
 
-Rules (design.md "Conventions"):
+Rules:
 - key path: ``stages.0.blocks.1.mlp.fc1.weight`` <-> ``stages_0/blocks_1/mlp/fc1/kernel``
   (a numeric segment joins the name before it; only the list names stem, stages, blocks,
   conv_kxk and proj are indexed);
@@ -13,7 +13,7 @@ Rules (design.md "Conventions"):
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Iterator, Mapping, Tuple
 
 import numpy as np
 
@@ -55,7 +55,7 @@ def _to_numpy(t: Any) -> np.ndarray:
 def torch_to_flax(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
     """A timm-layout state_dict -> ``{'params': ..., 'batch_stats': ...}`` (numpy arrays, NHWC/HWIO).
 
-    Pure renaming and transposition; validation against the model lives in ``convert.core``.
+    Pure renaming and transposition; validation against the model lives in ``fastvit_jax.weights.state_dict``.
     """
     modules: Dict[str, Dict[str, Any]] = {}
     for key, value in state_dict.items():
@@ -101,38 +101,76 @@ def key_of(module: str, leaf: str) -> str:
     return f"{module}.{leaf}" if module else leaf
 
 
+def _flax_entries(variables: Mapping[str, Any]) -> Iterator[Tuple[str, str, Any]]:
+    """Walk Flax variables: (timm key, layout rule, Flax leaf) for every PyTorch entry.
+
+    Rules: 'same' (no change), 'conv' (HWIO -> OIHW), 'linear' (IO -> OI), 'gamma' ((C,) -> (C, 1, 1)),
+    'count' (BatchNorm ``num_batches_tracked``, an int64 zero; the leaf is None).
+    """
+
+    def walk(path: Tuple[str, ...], node: Mapping[str, Any], stats: Mapping[str, Any]):
+        leaves = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
+        module = flax_path_to_torch(path)
+        if "scale" in leaves:  # BatchNorm
+            yield key_of(module, "weight"), "same", leaves["scale"]
+            yield key_of(module, "bias"), "same", leaves["bias"]
+            yield key_of(module, "running_mean"), "same", stats["mean"]
+            yield key_of(module, "running_var"), "same", stats["var"]
+            yield key_of(module, "num_batches_tracked"), "count", None
+        else:
+            for leaf, value in leaves.items():
+                ndim = len(value.shape)
+                if leaf == "gamma":
+                    yield key_of(module, "gamma"), "gamma", value
+                elif leaf == "kernel" and ndim == 4:
+                    yield key_of(module, "weight"), "conv", value
+                elif leaf == "kernel" and ndim == 2:
+                    yield key_of(module, "weight"), "linear", value
+                elif leaf == "bias":
+                    yield key_of(module, "bias"), "same", value
+                else:
+                    raise ValueError(f"cannot map Flax variable {'/'.join(path + (leaf,))} with shape {value.shape}")
+        for name, child in node.items():
+            if isinstance(child, Mapping):
+                yield from walk(path + (name,), child, stats.get(name, {}) if isinstance(stats, Mapping) else {})
+
+    yield from walk((), variables["params"], variables.get("batch_stats", {}))
+
+
+def _torch_array(rule: str, value: Any) -> np.ndarray:
+    if rule == "count":
+        return np.zeros((), np.int64)
+    arr = np.asarray(value)
+    if rule == "gamma":
+        arr = arr.reshape(-1, 1, 1)
+    elif rule == "conv":
+        arr = arr.transpose(3, 2, 0, 1)
+    elif rule == "linear":
+        arr = arr.T
+    return np.ascontiguousarray(arr) if arr.ndim else arr
+
+
+def _torch_shape(rule: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    if rule == "count":
+        return ()
+    if rule == "gamma":
+        return (int(np.prod(shape)), 1, 1)
+    if rule == "conv":
+        return tuple(shape[i] for i in (3, 2, 0, 1))
+    if rule == "linear":
+        return tuple(reversed(shape))
+    return tuple(shape)
+
+
 def flax_to_torch(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
     """Flax variables -> a timm-layout state_dict of numpy arrays (NCHW/OIHW).
 
     BatchNorms get ``num_batches_tracked`` = 0 so that ``load_state_dict(strict=True)`` works.
     """
-    out: Dict[str, np.ndarray] = {}
+    return {key: _torch_array(rule, value) for key, rule, value in _flax_entries(variables)}
 
-    def walk(path: Tuple[str, ...], node: Mapping[str, Any], stats: Mapping[str, Any]) -> None:
-        leaves = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
-        module = flax_path_to_torch(path)
-        if "scale" in leaves:  # BatchNorm
-            out[key_of(module, "weight")] = np.asarray(leaves["scale"])
-            out[key_of(module, "bias")] = np.asarray(leaves["bias"])
-            out[key_of(module, "running_mean")] = np.asarray(stats["mean"])
-            out[key_of(module, "running_var")] = np.asarray(stats["var"])
-            out[key_of(module, "num_batches_tracked")] = np.zeros((), np.int64)
-        else:
-            for leaf, value in leaves.items():
-                arr = np.asarray(value)
-                if leaf == "gamma":
-                    out[key_of(module, "gamma")] = arr.reshape(-1, 1, 1)
-                elif leaf == "kernel" and arr.ndim == 4:
-                    out[key_of(module, "weight")] = arr.transpose(3, 2, 0, 1)
-                elif leaf == "kernel" and arr.ndim == 2:
-                    out[key_of(module, "weight")] = arr.T
-                elif leaf == "bias":
-                    out[key_of(module, "bias")] = arr
-                else:
-                    raise ValueError(f"cannot map Flax variable {'/'.join(path + (leaf,))} with shape {arr.shape}")
-        for name, child in node.items():
-            if isinstance(child, Mapping):
-                walk(path + (name,), child, stats.get(name, {}) if isinstance(stats, Mapping) else {})
 
-    walk((), variables["params"], variables.get("batch_stats", {}))
-    return {k: np.ascontiguousarray(v) if v.ndim else v for k, v in out.items()}
+def flax_shapes_to_torch(variables: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    """Like ``flax_to_torch`` on anything with ``.shape`` (e.g. ``jax.eval_shape`` output): key -> torch shape."""
+    return {key: _torch_shape(rule, tuple(value.shape) if value is not None else ())
+            for key, rule, value in _flax_entries(variables)}
