@@ -4,17 +4,20 @@ The public names are loaded lazily so that ``fastvit_jax.variants`` (pure Python
 can be imported without JAX, e.g. by ``torch_ref``.
 """
 
-from fastvit_jax.variants import VARIANTS, get_variant  # noqa: F401  (pure Python)
+from fastvit_jax.variants import VARIANTS, PretrainedCfg, get_variant, pretrained_cfg  # noqa: F401  (pure Python)
 
 _LAZY = {
     "create_model": "fastvit_jax.model",
-    "FastViT": "fastvit_jax.model",
+    "FastVit": "fastvit_jax.model",
+    "load_model": "fastvit_jax.loading",
+    "reset_classifier": "fastvit_jax.loading",
     "reparameterize": "fastvit_jax.reparam",
     "save_variables": "fastvit_jax.io",
     "load_variables": "fastvit_jax.io",
+    "eval_transform": "fastvit_jax.transforms",
 }
 
-__all__ = ["VARIANTS", "get_variant", *_LAZY]
+__all__ = ["VARIANTS", "PretrainedCfg", "get_variant", "pretrained_cfg", *_LAZY]
 
 
 def __getattr__(name):

@@ -40,6 +40,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from fastvit_jax.data import randaugment as ra
+from fastvit_jax.variants import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _hide_accelerators_from_tf() -> None:
@@ -53,8 +54,6 @@ def _hide_accelerators_from_tf() -> None:
 
 _hide_accelerators_from_tf()
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEMO_NAMES = ("demo", "fastvit_demo")
 DEFAULT_SHUFFLE_BUFFER = 10_000
 
@@ -182,10 +181,10 @@ def _is_jpeg(builder: tfds.core.DatasetBuilder) -> bool:
 # ----------------------------------------------------------------------------------------
 # per-example ops (image float32 HWC)
 # ----------------------------------------------------------------------------------------
-def normalize(image: tf.Tensor) -> tf.Tensor:
-    """(H, W, 3) float 0..255 -> ImageNet mean/std normalized float32."""
-    mean = tf.constant(IMAGENET_MEAN, tf.float32) * 255.0
-    std = tf.constant(IMAGENET_STD, tf.float32) * 255.0
+def normalize(image: tf.Tensor, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD) -> tf.Tensor:
+    """(H, W, 3) float 0..255 -> (image / 255 - mean) / std, float32 (ImageNet mean/std by default)."""
+    mean = tf.constant(mean, tf.float32) * 255.0
+    std = tf.constant(std, tf.float32) * 255.0
     return (image - mean) / std
 
 
@@ -194,12 +193,18 @@ def _as_uint8_values(image: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(tf.round(image), 0.0, 255.0)
 
 
-def _resize_bicubic(image: tf.Tensor, size: tf.Tensor | tuple[int, int]) -> tf.Tensor:
-    """Antialiased bicubic resize (PIL-like) to ``size`` = (h, w); returns 0..255 floats."""
-    return _as_uint8_values(tf.image.resize(image, size, method="bicubic", antialias=True))
+INTERPOLATIONS = ("bicubic", "bilinear")
 
 
-def _decode_full(encoded: tf.Tensor, jpeg: bool) -> tf.Tensor:
+def _resize_bicubic(image: tf.Tensor, size: tf.Tensor | tuple[int, int], method: str = "bicubic") -> tf.Tensor:
+    """Antialiased resize (PIL-like; bicubic unless ``method`` says bilinear) to ``size`` = (h, w); 0..255 floats."""
+    if method not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {method!r}; supported: {', '.join(INTERPOLATIONS)}")
+    return _as_uint8_values(tf.image.resize(image, size, method=method, antialias=True))
+
+
+def decode_image(encoded: tf.Tensor, jpeg: bool) -> tf.Tensor:
+    """Encoded bytes -> uint8 (H, W, 3); ``jpeg`` selects the JPEG decoder, else any format TF reads."""
     if jpeg:
         return tf.io.decode_jpeg(encoded, channels=3)
     img = tf.io.decode_image(encoded, channels=3, expand_animations=False)
@@ -209,7 +214,7 @@ def _decode_full(encoded: tf.Tensor, jpeg: bool) -> tf.Tensor:
 def _image_shape(encoded: tf.Tensor, jpeg: bool) -> tf.Tensor:
     if jpeg:
         return tf.io.extract_jpeg_shape(encoded)[:2]
-    return tf.shape(_decode_full(encoded, jpeg))[:2]
+    return tf.shape(decode_image(encoded, jpeg))[:2]
 
 
 def random_resized_crop_decode(encoded: tf.Tensor, key: tf.Tensor, image_size: int,
@@ -240,7 +245,7 @@ def random_resized_crop_decode(encoded: tf.Tensor, key: tf.Tensor, image_size: i
     if jpeg:
         crop = tf.io.decode_and_crop_jpeg(encoded, tf.stack([oy, ox, ch, cw]), channels=3)
     else:
-        crop = tf.image.crop_to_bounding_box(_decode_full(encoded, jpeg), oy, ox, ch, cw)
+        crop = tf.image.crop_to_bounding_box(decode_image(encoded, jpeg), oy, ox, ch, cw)
     crop = tf.cast(crop, tf.float32)
     return tf.ensure_shape(_resize_bicubic(crop, (image_size, image_size)), [image_size, image_size, 3])
 
@@ -263,23 +268,34 @@ def train_preprocess(encoded: tf.Tensor, key: tf.Tensor, *, image_size: int, aug
     return image
 
 
-def eval_preprocess(encoded: tf.Tensor, *, image_size: int, crop_pct: float, jpeg: bool = True) -> tf.Tensor:
-    """Decode, bicubic-resize the shorter side to ``int(S / crop_pct)``, centre-crop S, normalize.
+def eval_resize_crop(image: tf.Tensor, *, image_size: int, crop_pct: float, mean: tuple = IMAGENET_MEAN,
+                     std: tuple = IMAGENET_STD, interpolation: str = "bicubic") -> tf.Tensor:
+    """The evaluation transform on a decoded image: uint8 (H, W, 3) -> float32 (S, S, 3), normalized.
 
-    Returns float32 (S, S, 3).
+    Resize the shorter side to ``int(S / crop_pct)`` (antialiased ``interpolation``, rounded to
+    uint8 values as PIL stores them), centre-crop S x S, normalize with ``mean``/``std``. The
+    trainer's validation pipeline and ``fastvit_jax.transforms.eval_transform`` both call this.
     """
     resize, crop = eval_image_size(image_size, crop_pct)
-    image = tf.cast(_decode_full(encoded, jpeg), tf.float32)
+    image = tf.cast(image, tf.float32)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     short = tf.minimum(h, w)
     # torchvision Resize(int): short side -> resize, long side -> int(resize * long / short)
     new_h = tf.where(h == short, resize, tf.cast(resize * h / short, tf.int32))
     new_w = tf.where(w == short, resize, tf.cast(resize * w / short, tf.int32))
-    image = _resize_bicubic(image, tf.stack([new_h, new_w]))
+    image = _resize_bicubic(image, tf.stack([new_h, new_w]), interpolation)
     top = tf.cast(tf.round(tf.cast(new_h - crop, tf.float32) / 2.0), tf.int32)
     left = tf.cast(tf.round(tf.cast(new_w - crop, tf.float32) / 2.0), tf.int32)
     image = image[top:top + crop, left:left + crop, :]
-    return tf.ensure_shape(normalize(image), [crop, crop, 3])
+    return tf.ensure_shape(normalize(image, mean, std), [crop, crop, 3])
+
+
+def eval_preprocess(encoded: tf.Tensor, *, image_size: int, crop_pct: float, jpeg: bool = True,
+                    mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD,
+                    interpolation: str = "bicubic") -> tf.Tensor:
+    """Decode, then ``eval_resize_crop``. Returns float32 (S, S, 3)."""
+    return eval_resize_crop(decode_image(encoded, jpeg), image_size=image_size, crop_pct=crop_pct, mean=mean, std=std,
+                            interpolation=interpolation)
 
 
 # ----------------------------------------------------------------------------------------
