@@ -130,6 +130,7 @@ class FastVit(nn.Module):
         ``out_indices`` picks stages (e.g. ``(1, 3)``; negative counts from the end); default all
         four. Stages after the last requested one are not computed.
         """
+        check_input(x)
         n = len(self.cfg.layers)
         wanted = sorted({i % n for i in range(n)} if out_indices is None else {_stage_index(i, n) for i in out_indices})
         x = x.astype(self.dtype)
@@ -153,6 +154,21 @@ class FastVit(nn.Module):
 
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         return self.forward_head(self.forward_features(x, train), train).astype(jnp.float32)
+
+
+def check_input(x: jax.Array) -> None:
+    """A (B, H, W, 3) batch, or a ValueError that says what was passed and how to fix it."""
+    shape = tuple(x.shape)
+    if len(shape) == 3 and shape[-1] == 3:
+        raise ValueError(f"FastViT takes a batch (B, H, W, 3); got one image {shape}: add a batch axis (x[None])")
+    if len(shape) != 4:
+        raise ValueError(f"FastViT takes an NHWC batch (B, H, W, 3); got shape {shape}")
+    if shape[-1] != 3 and shape[1] == 3:
+        raise ValueError(f"FastViT takes NHWC input (B, H, W, 3); got {shape}, which looks NCHW: "
+                         "transpose it with x.transpose(0, 2, 3, 1)")
+    if shape[-1] != 3:
+        raise ValueError(f"FastViT takes RGB input with 3 channels last (B, H, W, 3); got {shape} "
+                         f"({shape[-1]} channels): convert grey or RGBA images to RGB")
 
 
 def _stage_index(index: int, num_stages: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -257,3 +258,16 @@ def test_predict_cli_bad_checkpoint(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert f"error: {str(bad)!r} is not a readable .safetensors file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("shape, fragment", [
+    ((1, 3, 64, 64), "looks NCHW: transpose it with x.transpose(0, 2, 3, 1)"),
+    ((64, 64, 3), "add a batch axis (x[None])"),
+    ((1, 64, 64, 1), "(1 channels): convert grey or RGBA images to RGB"),
+    ((64, 64), "got shape (64, 64)"),
+])
+def test_apply_names_a_wrong_input_layout(shape, fragment):
+    model = fastvit_jax.create_model("t8")
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32)))
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        model.apply(variables, np.zeros(shape, np.float32))

@@ -204,9 +204,13 @@ def _resize_bicubic(image: tf.Tensor, size: tf.Tensor | tuple[int, int], method:
 
 
 def decode_image(encoded: tf.Tensor, jpeg: bool) -> tf.Tensor:
-    """Encoded bytes -> uint8 (H, W, 3); ``jpeg`` selects the JPEG decoder, else any format TF reads."""
+    """Encoded bytes -> uint8 (H, W, 3); ``jpeg`` selects the JPEG decoder, else any format TF reads.
+
+    JPEGs use the accurate integer IDCT, which decodes bit-identically to PIL (timm's loader);
+    TF's default fast IDCT differs from it by up to ~6 grey levels.
+    """
     if jpeg:
-        return tf.io.decode_jpeg(encoded, channels=3)
+        return tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
     img = tf.io.decode_image(encoded, channels=3, expand_animations=False)
     return tf.ensure_shape(img, [None, None, 3])
 
