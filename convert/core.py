@@ -1,4 +1,4 @@
-"""PyTorch-side helpers of the converter CLIs: torch tensors out, atomic writes.
+"""PyTorch-side helpers of the converter CLIs: torch tensors and files out, dtype policy.
 
 The conversion itself (layout / form / variant detection, key and array mapping) lives in
 ``fastvit_jax.weights`` and needs no PyTorch; this module adds what does: state_dicts of
@@ -8,11 +8,11 @@ one message and exit code 2).
 
 from __future__ import annotations
 
-import os
-import tempfile
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from fastvit_jax.io import WriteError, write_atomically  # noqa: F401  (re-exported for the CLIs)
 
 from fastvit_jax.weights import ConversionError, ConversionResult, convert_state_dict  # noqa: F401
 from fastvit_jax.weights.files import read_weights_file
@@ -41,48 +41,36 @@ def variables_to_state_dict(variables: Mapping[str, Any], *, layout: str = "timm
     import torch
 
     arrays, found, form = variables_to_arrays(variables, layout=layout, variant=variant)
-    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, found, form
+    return {k: _to_tensor(v) for k, v in arrays.items()}, found, form
 
 
-def write_atomically(path: str, write: Callable[[str], Any], overwrite: bool = False) -> str:
-    """Call ``write(tmp_path)`` then rename to ``path``; never leaves a partial file.
+def _to_tensor(value: Any) -> Any:
+    """numpy (ml_dtypes.bfloat16 included) or torch -> torch tensor."""
+    import torch
 
-    The result gets the permissions of a normally created file (0666 minus the umask).
-    """
-    if os.path.exists(path) and not overwrite:
-        raise ConversionError(f"output {path!r} exists; pass --overwrite to replace it")
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise ConversionError(f"output directory {directory!r} does not exist")
-    suffix = ".safetensors" if path.endswith(".safetensors") else ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    if isinstance(value, torch.Tensor):
+        return value
+    arr = np.array(value)
+    if str(arr.dtype) == "bfloat16":
+        return torch.from_numpy(arr.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(arr)
 
 
-def save_state_dict(path: str, state_dict: Mapping[str, Any], overwrite: bool = False,
-                    metadata: Optional[Mapping[str, str]] = None) -> str:
-    """``.safetensors`` (no torch needed) or ``.pth`` / ``.pth.tar`` (torch.save of a plain dict).
+def save_state_dict(path: str, state_dict: Mapping[str, Any], *, overwrite: bool = False,
+                    metadata: Optional[Mapping[str, str]] = None, inputs: Sequence[str] = ()) -> str:
+    """``.safetensors`` (no torch needed) or ``.pth`` / ``.pth.tar`` (torch.save of a plain dict), atomically.
 
-    Values: numpy arrays or torch tensors.
+    Values: numpy arrays or torch tensors. ``inputs`` are never overwritten.
     """
     if path.endswith(".safetensors"):
         from safetensors.numpy import save_file
 
         arrays = {k: np.ascontiguousarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in state_dict.items()}
-        return write_atomically(path, lambda tmp: save_file(arrays, tmp, metadata=dict(metadata or {})), overwrite)
+        return write_atomically(path, lambda tmp: save_file(arrays, tmp, metadata=dict(metadata or {})),
+                                overwrite=overwrite, inputs=inputs, size_hint=sum(a.nbytes for a in arrays.values()))
     if path.endswith((".pth", ".pth.tar", ".pt", ".bin")):
         import torch
 
-        tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
-        return write_atomically(path, lambda tmp: torch.save(tensors, tmp), overwrite)
+        tensors = {k: _to_tensor(v) for k, v in state_dict.items()}
+        return write_atomically(path, lambda tmp: torch.save(tensors, tmp), overwrite=overwrite, inputs=inputs)
     raise ConversionError(f"output {path!r}: use a .safetensors, .pth or .pth.tar file name")

@@ -20,9 +20,9 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
     sys.path.insert(0, _root)
 
-from convert.core import ConversionError, save_state_dict  # noqa: E402
+from convert.core import ConversionError, WriteError, save_state_dict  # noqa: E402
 from fastvit_jax.weights.layouts import LAYOUTS  # noqa: E402
-from fastvit_jax.weights.state_dict import variables_to_arrays  # noqa: E402
+from fastvit_jax.weights.state_dict import FLOAT_DTYPES, cast_floats, variables_to_arrays  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,15 +31,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("output", help="PyTorch file to write: .safetensors, .pth or .pth.tar")
     p.add_argument("--layout", choices=LAYOUTS, default="timm", help="key layout of OUTPUT (default: timm)")
     p.add_argument("--variant", help="expected variant (t8 ... ma36); checked against the shapes")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32",
+                   help="dtype of the written weights (default float32; float16/bfloat16 keep half precision)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from fastvit_jax.io import load_variables
+    from fastvit_jax.io import load_variables, same_file
 
     try:
+        if same_file(args.output, args.variables):
+            raise WriteError(f"output {args.output!r} is the input file; refusing to overwrite an input")
         if os.path.exists(args.output) and not args.overwrite:
             raise ConversionError(f"output {args.output!r} exists; pass --overwrite to replace it")
         print(f"[1/3] reading {args.variables}", flush=True)
@@ -47,11 +51,15 @@ def main(argv=None) -> int:
             variables = load_variables(args.variables)
         except (FileNotFoundError, ValueError) as e:
             raise ConversionError(str(e)) from None
+        variables, source_dtypes = cast_floats(variables, "float32")
+        if source_dtypes != [args.dtype]:
+            print(f"note: the variables are {'/'.join(source_dtypes)}; written as {args.dtype}", flush=True)
         sd, variant, form = variables_to_arrays(variables, layout=args.layout, variant=args.variant)
+        sd, _ = cast_floats(sd, args.dtype)
         print(f"[2/3] FastViT-{variant}, {form} form, {len(sd)} tensors in the {args.layout} layout", flush=True)
-        save_state_dict(args.output, sd, overwrite=args.overwrite,
+        save_state_dict(args.output, sd, overwrite=args.overwrite, inputs=[args.variables],
                         metadata={"variant": variant, "form": form, "layout": args.layout})
-    except ConversionError as e:
+    except (ConversionError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = sum(v.size for k, v in sd.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))

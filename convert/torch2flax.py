@@ -20,7 +20,8 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
     sys.path.insert(0, _root)
 
-from convert.core import ConversionError, convert_state_dict, load_torch_checkpoint, write_atomically  # noqa: E402
+from convert.core import ConversionError, WriteError, convert_state_dict, load_torch_checkpoint  # noqa: E402
+from fastvit_jax.weights.state_dict import FLOAT_DTYPES, cast_floats  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,16 +32,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fused", action="store_true",
                    help="write the inference (fused) form; an unfused checkpoint is fused with fastvit_jax.reparameterize")
     p.add_argument("--ema", action="store_true", help="take state_dict_ema / model_ema when the file has both")
-    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--dtype", choices=FLOAT_DTYPES, default="float32",
+                   help="dtype of the written weights (default float32, whatever the input's; "
+                        "float16/bfloat16 keep half precision)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never the input)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from fastvit_jax.io import save_variables
+    from fastvit_jax.io import same_file, save_variables
     from fastvit_jax.model import create_model
 
     try:
+        if same_file(args.output, args.checkpoint):
+            raise WriteError(f"output {args.output!r} is the input checkpoint; refusing to overwrite an input")
         if os.path.exists(args.output) and not args.overwrite:
             raise ConversionError(f"output {args.output!r} exists; pass --overwrite to replace it")
         if not args.output.endswith(".safetensors"):
@@ -52,11 +58,16 @@ def main(argv=None) -> int:
         print(f"[3/4] {result.layout} layout, {result.source_form} form, FastViT-{result.variant}, "
               f"{result.num_classes} classes" + ("; fused on the JAX side" if result.form != result.source_form else ""),
               flush=True)
+        variables, _ = cast_floats(result.variables, args.dtype)
+        if result.source_dtypes != [args.dtype]:
+            print(f"note: the checkpoint's weights are {'/'.join(result.source_dtypes)}; written as {args.dtype}"
+                  + (" (--dtype float16 or bfloat16 keeps half precision)" if args.dtype == "float32" else ""),
+                  flush=True)
         model = create_model(result.variant, num_classes=result.num_classes, inference_mode=result.form == "fused")
         meta = {"source": os.path.basename(args.checkpoint), "source_layout": result.layout}
-        write_atomically(args.output, lambda tmp: save_variables(tmp, result.variables, model=model, metadata=meta),
-                         args.overwrite)
-    except ConversionError as e:
+        save_variables(args.output, variables, model=model, metadata=meta, overwrite=args.overwrite,
+                       inputs=[args.checkpoint])
+    except (ConversionError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[4/4] wrote {args.output}")

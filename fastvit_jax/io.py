@@ -2,16 +2,17 @@
 
 ``save_variables(path, variables)`` writes ``{'params': ..., 'batch_stats': ...}`` as
 tensors named e.g. ``params/stages_0/blocks_1/mlp/fc1/kernel``; string metadata (variant,
-form, ...) rides along in the safetensors header. Writes go to a temporary file renamed at
-the end, so a failed save never leaves a half-written file.
+form, ...) rides along in the safetensors header. Every output of the project goes through
+``write_atomically``: a temporary file renamed at the end, never an input overwritten.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
-from typing import Any, Dict, Mapping, Optional
+import shutil
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from safetensors import SafetensorError
@@ -64,34 +65,117 @@ def model_metadata(model: Any) -> Dict[str, Any]:
     }
 
 
+class WriteError(ValueError):
+    """An output that cannot be written (or must not be); the message says which and why."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_name(path: str, pid: int) -> str:
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.tmp-{pid}")
+
+
+def remove_stale_temp_files(path: str) -> List[str]:
+    """Delete ``.<name>.tmp-<pid>`` files beside ``path`` left by killed writers (dead pids)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    prefix, removed = f".{name}.tmp-", []
+    for entry in os.listdir(directory) if os.path.isdir(directory) else ():
+        pid = entry[len(prefix):]
+        if entry.startswith(prefix) and pid.isdigit() and not _pid_alive(int(pid)):
+            os.remove(os.path.join(directory, entry))
+            removed.append(entry)
+    return removed
+
+
+def same_file(a: str, b: str) -> bool:
+    """True when ``a`` and ``b`` name one file (same path, symlink or hard link)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _describe_os_error(path: str, error: OSError, size_hint: Optional[int]) -> str:
+    directory = os.path.dirname(path)
+    if error.errno == errno.ENOSPC:
+        free = shutil.disk_usage(directory).free
+        need = f"needs about {size_hint / 2**20:.1f} MiB, " if size_hint else ""
+        return f"cannot write {path!r}: no space left on the device ({need}{free / 2**20:.1f} MiB free in {directory!r})"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot write {path!r}: permission denied in {directory!r}"
+    if error.errno == errno.EROFS:
+        return f"cannot write {path!r}: {directory!r} is on a read-only file system"
+    return f"cannot write {path!r}: {error.strerror or error}"
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], Any], *, overwrite: bool = True,
+                     inputs: Sequence[str | os.PathLike] = (), size_hint: Optional[int] = None) -> str:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    Nothing is ever half-written: the temporary ``.<name>.tmp-<pid>`` is removed on failure, and
+    ones left by killed writers are removed first. ``path`` must not be one of ``inputs`` (same
+    path, symlink or hard link), whatever ``overwrite`` says. The file gets the permissions of a
+    newly created file (0666 minus the umask). File-system failures raise ``WriteError`` naming
+    the path and the cause (no space, permission, read-only file system).
+    """
+    path = os.path.abspath(os.fspath(path))
+    for source in inputs:
+        if same_file(path, os.fspath(source)):
+            raise WriteError(f"output {path!r} is the input file {os.fspath(source)!r}; refusing to overwrite "
+                             "an input: choose another output name")
+    if os.path.exists(path) and not overwrite:
+        raise WriteError(f"output {path!r} exists; pass --overwrite to replace it")
+    if os.path.isdir(path):
+        raise WriteError(f"output {path!r} is a directory")
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise WriteError(f"output directory {directory!r} does not exist")
+    tmp = _temp_name(path, os.getpid())
+    try:
+        remove_stale_temp_files(path)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(_describe_os_error(path, e, size_hint)) from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def save_variables(path: str | os.PathLike, variables: Mapping[str, Any], *, model: Any = None,
-                   metadata: Optional[Mapping[str, Any]] = None) -> str:
-    """Write ``variables`` to ``path`` (.safetensors) atomically; returns the path.
+                   metadata: Optional[Mapping[str, Any]] = None, overwrite: bool = True,
+                   inputs: Sequence[str | os.PathLike] = ()) -> str:
+    """Write ``variables`` to ``path`` (.safetensors) atomically (see ``write_atomically``); returns the path.
 
     ``model`` (the ``FastVit`` the variables belong to) records variant, form, num_classes,
     image size and the data config (``pretrained_cfg``) in the header, so that
     ``fastvit_jax.load_model`` needs no arguments; ``metadata`` adds or overrides entries.
-    Values that are not strings are stored as JSON.
+    Values that are not strings are stored as JSON. The parent directory is created.
     """
-    path = os.fspath(path)
     entries: Dict[str, Any] = dict(model_metadata(model)) if model is not None else {}
     entries.update(metadata or {})
     meta = {"format": FORMAT}
     for k, v in entries.items():
         meta[str(k)] = v if isinstance(v, str) else json.dumps(v)
     flat = flatten_variables(variables)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
     try:
-        save_file(flat, tmp, metadata=meta)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"cannot create the output directory {directory!r}: {e.strerror}") from e
+    return write_atomically(path, lambda tmp: save_file(flat, tmp, metadata=meta), overwrite=overwrite, inputs=inputs,
+                            size_hint=sum(a.nbytes for a in flat.values()))
 
 
 def _umask() -> int:
@@ -117,8 +201,10 @@ def load_variables(path: str | os.PathLike) -> Dict[str, Any]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no variables file at {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory, not a variables file")
     if not os.path.isfile(path):
-        raise ValueError(f"{path!r} is not a regular file (a directory or a device?)")
+        raise ValueError(f"{path!r} is not a regular file (a FIFO, socket or device)")
     try:
         flat = load_file(path)
         meta = load_metadata(path)

@@ -41,7 +41,7 @@ def _assert_refused(tmp_path, rc, err, *fragments, output="out.safetensors"):
     for fragment in fragments:
         assert fragment in err, f"{fragment!r} not in {err!r}"
     assert not (tmp_path / output).exists()
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")], "temporary file left behind"
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p], "temporary file left behind"
 
 
 def test_wrapped_pth_tar_with_module_prefix(tmp_path, capsys, t8_sd):
@@ -209,3 +209,121 @@ def test_script_exit_code_and_no_traceback(tmp_path):
     help_text = subprocess.run([sys.executable, os.path.join(ROOT, "convert", "flax2torch.py"), "--help"],
                                capture_output=True, text=True, check=True).stdout
     assert "--layout" in help_text
+
+
+# --------------------------------------------------------------------------- nothing lost, one line per failure
+def _digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.mark.parametrize("how", ["same path", "symlink", "hard link"])
+def test_output_that_is_the_input_is_refused_even_with_overwrite(tmp_path, capsys, t8_sd, how):
+    ckpt = tmp_path / "in.safetensors"
+    save_file({k: v.contiguous() for k, v in t8_sd.items()}, ckpt)
+    before = _digest(ckpt)
+    out = {"same path": ckpt, "symlink": tmp_path / "link.safetensors", "hard link": tmp_path / "hard.safetensors"}[how]
+    if how == "symlink":
+        os.symlink(ckpt, out)
+    elif how == "hard link":
+        os.link(ckpt, out)
+    rc, _, err = _run(torch2flax.main, [ckpt, out, "--overwrite"], capsys)
+    assert rc == 2 and "refusing to overwrite an input" in err and "Traceback" not in err
+    assert _digest(ckpt) == before
+    # flax2torch: a Flax file converted "back" onto itself.
+    flax = tmp_path / "flax.safetensors"
+    assert _run(torch2flax.main, [ckpt, flax], capsys)[0] == 0
+    flax_before = _digest(flax)
+    rc, _, err = _run(flax2torch.main, [flax, flax, "--overwrite"], capsys)
+    assert rc == 2 and "refusing to overwrite an input" in err
+    assert _digest(flax) == flax_before
+
+
+def test_stale_temp_file_of_a_killed_run_is_removed(tmp_path, capsys, t8_sd):
+    ckpt = _ckpt(tmp_path, t8_sd)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.safetensors.tmp-{int(dead.stdout)}"
+    stale.write_bytes(b"")
+    alive = tmp_path / f".out.safetensors.tmp-{os.getpid()}0"  # a name whose pid is not ours: left alone if alive
+    rc, _, err = _run(torch2flax.main, [ckpt, tmp_path / "out.safetensors"], capsys)
+    assert rc == 0, err
+    assert not stale.exists()
+    assert not alive.exists()  # never created
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, t8_sd, monkeypatch):
+    import errno
+
+    import fastvit_jax.io
+
+    def full(*args, **kwargs):
+        with open(args[1], "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fastvit_jax.io, "save_file", full)
+    ckpt = _ckpt(tmp_path, t8_sd)
+    rc, _, err = _run(torch2flax.main, [ckpt, tmp_path / "out.safetensors"], capsys)
+    _assert_refused(tmp_path, rc, err, "no space left on the device (needs about 15.", "MiB free in")
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("code, fragment", [(13, "permission denied in"), (30, "is on a read-only file system")])
+def test_unwritable_output_is_one_line(tmp_path, capsys, t8_sd, monkeypatch, code, fragment):
+    import fastvit_jax.io
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fastvit_jax.io, "save_file", refuse)
+    ckpt = _ckpt(tmp_path, t8_sd)
+    rc, _, err = _run(torch2flax.main, [ckpt, tmp_path / "out.safetensors"], capsys)
+    _assert_refused(tmp_path, rc, err, fragment)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0555 directory: use the injected EACCES test")
+def test_read_only_output_directory(tmp_path, capsys, t8_sd):
+    ckpt = _ckpt(tmp_path, t8_sd)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    rc, _, err = _run(torch2flax.main, [ckpt, locked / "out.safetensors"], capsys)
+    assert rc == 2 and "permission denied" in err and "Traceback" not in err
+
+
+def test_half_precision_input_is_written_float32_with_a_note(tmp_path, capsys, t8_sd):
+    half = {k: v.half() if v.is_floating_point() else v for k, v in t8_sd.items()}
+    ckpt = _ckpt(tmp_path, half)
+    rc, out, err = _run(torch2flax.main, [ckpt, tmp_path / "out.safetensors"], capsys)
+    assert rc == 0, err
+    assert "note: the checkpoint's weights are float16; written as float32" in out
+    kernel = load_variables(tmp_path / "out.safetensors")["params"]["head"]["fc"]["kernel"]
+    assert kernel.dtype == np.float32
+    rc, out, err = _run(torch2flax.main, [ckpt, tmp_path / "half.safetensors", "--dtype", "bfloat16"], capsys)
+    assert rc == 0, err
+    assert str(load_variables(tmp_path / "half.safetensors")["params"]["head"]["fc"]["kernel"].dtype) == "bfloat16"
+    rc, out, err = _run(flax2torch.main, [tmp_path / "half.safetensors", tmp_path / "back.pth", "--dtype", "float16"],
+                        capsys)
+    assert rc == 0, err
+    assert torch.load(tmp_path / "back.pth", weights_only=True)["head.fc.weight"].dtype == torch.float16
+
+
+def test_directory_and_fifo_inputs_are_named(tmp_path, capsys):
+    (tmp_path / "dir.pth").mkdir()
+    _bad(tmp_path, capsys, tmp_path / "dir.pth", "is a directory, not a weights file")
+    os.mkfifo(tmp_path / "fifo.pth")
+    _bad(tmp_path, capsys, tmp_path / "fifo.pth", "is not a regular file (a FIFO, socket or device)")
+    rc, _, err = _run(flax2torch.main, [tmp_path / "dir.pth", tmp_path / "out.pth"], capsys)
+    _assert_refused(tmp_path, rc, err, "is a directory", output="out.pth")
+
+
+def test_outputs_follow_the_umask(tmp_path, capsys, t8_sd):
+    ckpt = _ckpt(tmp_path, t8_sd)
+    old = os.umask(0o027)
+    try:
+        assert _run(torch2flax.main, [ckpt, tmp_path / "out.safetensors"], capsys)[0] == 0
+        assert _run(flax2torch.main, [tmp_path / "out.safetensors", tmp_path / "back.pth"], capsys)[0] == 0
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "out.safetensors").st_mode & 0o777 == 0o640
+    assert os.stat(tmp_path / "back.pth").st_mode & 0o777 == 0o640

@@ -19,6 +19,7 @@ from fastvit_jax.io import is_variables_file, unflatten_variables
 from fastvit_jax.weights.state_dict import (
     ConversionError,
     ConversionResult,
+    cast_floats,
     convert_state_dict,
     count_params,
     describe_variables,
@@ -119,13 +120,14 @@ def load_weights(path: str | os.PathLike, *, variant: Optional[str] = None, fuse
     else:
         variables = {k: weights.tensors[k] for k in ("params", "batch_stats") if k in weights.tensors}
         found, form, num_classes = describe_variables(variables, variant)
+        variables, source_dtypes = cast_floats(variables)
         source_form = form
         if fused and form == "train":
             from fastvit_jax.reparam import reparameterize
 
             variables, form = reparameterize(variables), "fused"
         result = ConversionResult(variables, found, "flax", source_form, form, num_classes,
-                                  count_params(variables["params"]))
+                                  count_params(variables["params"]), source_dtypes=source_dtypes)
     result.metadata = weights.metadata
     _check_metadata(result, path)
     return result

@@ -44,10 +44,13 @@ def flax_path_to_torch(path: Tuple[str, ...]) -> str:
 
 
 def _to_numpy(t: Any) -> np.ndarray:
+    """A torch tensor or array-like -> numpy (torch bfloat16 -> ml_dtypes.bfloat16, values kept)."""
     if hasattr(t, "detach"):
         t = t.detach().cpu()
         if str(t.dtype) == "torch.bfloat16":
-            t = t.float()
+            import ml_dtypes
+
+            return t.float().numpy().astype(ml_dtypes.bfloat16)
         t = t.numpy()
     return np.asarray(t)
 

@@ -38,6 +38,7 @@ class ConversionResult:
     num_classes: int
     num_params: int
     metadata: Dict[str, Any] = dataclasses.field(default_factory=dict)  # the file's header, when read from one
+    source_dtypes: List[str] = dataclasses.field(default_factory=list)  # float dtypes of the input tensors
 
 
 def unwrap_state_dict(obj: Any, prefer_ema: bool = False, source: str = "checkpoint") -> Dict[str, np.ndarray]:
@@ -176,13 +177,42 @@ def check_values(state_dict: Mapping[str, np.ndarray]) -> None:
     for key, arr in state_dict.items():
         if key.endswith("num_batches_tracked"):
             continue
-        if not np.issubdtype(arr.dtype, np.floating) and str(arr.dtype) != "bfloat16":
+        if not is_float(arr):
             article = "an" if str(arr.dtype)[0] in "aeiou" else "a"
             raise ConversionError(f"{key} holds {article} {arr.dtype} tensor; a float weight is expected there")
         finite = np.isfinite(np.asarray(arr, np.float32))
         if not finite.all():
             raise ConversionError(f"{key} contains {int((~finite).sum())} NaN/Inf value(s); "
                                   "refusing to convert non-finite weights")
+
+
+def is_float(arr: np.ndarray) -> bool:
+    return arr.dtype.kind == "f" or str(arr.dtype) == "bfloat16"
+
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def cast_floats(tree: Any, dtype: str = "float32") -> Tuple[Any, List[str]]:
+    """Every floating-point array of a nested dict as ``dtype`` (one of ``FLOAT_DTYPES``), and the
+    float dtypes found before the cast (sorted)."""
+    if dtype not in FLOAT_DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}; valid: {', '.join(FLOAT_DTYPES)}")
+    import ml_dtypes
+
+    target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    found: set = set()
+
+    def cast(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            return {k: cast(v) for k, v in node.items()}
+        arr = np.asarray(node)
+        if not is_float(arr):
+            return arr
+        found.add(str(arr.dtype))
+        return arr.astype(target)
+
+    return cast(tree), sorted(found)
 
 
 def is_fused(keys) -> bool:
@@ -200,7 +230,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, variant: Optional[str] 
                        fused: bool = False) -> ConversionResult:
     """A PyTorch FastViT state_dict (timm/torch_ref or Apple layout, train or fused form) -> Flax variables.
 
-    Values may be numpy arrays or torch tensors. ``fused=True`` returns the inference form
+    Values may be numpy arrays or torch tensors; the variables are float32 whatever the input's
+    float dtype (listed in ``result.source_dtypes``). ``fused=True`` returns the inference form
     (fusing on the JAX side with ``fastvit_jax.reparameterize`` when the source is unfused);
     a fused source always gives the fused form. ``variant`` is checked against the shapes.
     """
@@ -214,6 +245,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, variant: Optional[str] 
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     found_variant = detect_variant(shapes, source_fused, variant)
     check_values(sd)
+    sd, source_dtypes = cast_floats(sd)  # fusion and the written file are float32
     variables = torch_to_flax(sd)
     form = "fused" if source_fused else "train"
     if fused and not source_fused:
@@ -222,7 +254,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, variant: Optional[str] 
         variables = reparameterize(variables)
         form = "fused"
     return ConversionResult(variables, found_variant, layout, "fused" if source_fused else "train", form,
-                            num_classes_of(shapes), count_params(variables["params"]))
+                            num_classes_of(shapes), count_params(variables["params"]), source_dtypes=source_dtypes)
 
 
 def describe_variables(variables: Mapping[str, Any], variant: Optional[str] = None) -> Tuple[str, str, int]:
