@@ -73,7 +73,7 @@ def _config(data_dir, workdir, **kw):
         dataset="imagenet2012", data_dir=data_dir, workdir=str(workdir), global_batch_size=16, image_size=32,
         num_epochs=None, num_steps=STEPS, warmup_steps=2, lr=2e-3,
         mixup=0.2, cutmix=1.0, randaugment="", reprob=0.0, color_jitter=0.0, rrc_scale=(0.5, 1.0),
-        checkpoint_every=5, log_every=1, eval_batch_size=8, ema_decay=0.9, progress=False,
+        checkpoint_every=5, log_every=1, eval_every=0, eval_batch_size=8, ema_decay=0.9, progress=False,
     )
     base.update(kw)
     return get_config("t8", **base)
@@ -232,6 +232,7 @@ def test_short_run_reaches_its_peak_lr_and_the_loss_falls(data_dir_32, tmp_path,
     cfg = get_config("t8", dataset="imagenet2012", data_dir=data_dir_32, workdir=str(tmp_path / "wd"),
                      global_batch_size=32, image_size=32, num_epochs=None, num_steps=30, lr=3e-3,
                      randaugment="", reprob=0.0, log_every=1, eval_batch_size=8, progress=False, export=False)
+    # eval_every not set: every epoch (one step of 32 images here), so the evals form a curve
     with caplog.at_level(logging.INFO, logger="fastvit_jax.training"):
         res = trainer.train_and_evaluate(cfg, model_fn=create_tiny_model)
     assert res.plan.warmup_steps == 3 and res.plan.steps_per_epoch == 1
@@ -244,6 +245,8 @@ def test_short_run_reaches_its_peak_lr_and_the_loss_falls(data_dir_32, tmp_path,
     assert int(np.argmax(lrs)) == 3 and lrs[3] == pytest.approx(1e-5 + (3e-3 - 1e-5) * (1 + np.cos(np.pi / 10)) / 2)
     losses = [r["loss"] for r in train]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
+    evals = [r["step"] for r in read_metrics(str(tmp_path / "wd")) if r["kind"] == "eval"]
+    assert evals == list(range(1, 31)) and "evaluating every 1 steps" in caplog.text
 
 
 def test_extending_a_finished_run_continues_from_its_checkpoint(data_dir, tmp_path, caplog):

@@ -108,6 +108,14 @@ def test_plan_epochs_steps_and_small_dataset():
         make_plan(c, 50)
 
 
+def test_eval_cadence_every_epoch_or_a_tenth_of_a_short_run():
+    c = get_config("t8", global_batch_size=100, num_epochs=300)
+    assert make_plan(c, 1050).eval_every == 10  # every epoch, as timm
+    assert make_plan(c.replace(num_epochs=None, num_steps=30), 100_000).eval_every == 3  # shorter than an epoch
+    assert make_plan(c.replace(eval_every=0), 1050).eval_every == 0  # only at the end
+    assert make_plan(c.replace(eval_every=7), 1050).eval_every == 7
+
+
 def test_recipe_warmup_is_scaled_to_fit_a_short_run():
     # The run: 3000 demo images at batch 32 -> 93 steps/epoch; 5 epochs = 465 steps > 30.
     short = get_config("t8", global_batch_size=32, num_epochs=None, num_steps=30)

@@ -118,7 +118,8 @@ class TrainConfig:
     seed: int = option(0, "seed of init, data order and augmentation")
     checkpoint_every: int = option(1000, "steps between checkpoints (and one at the end)")
     keep_checkpoints: int = option(3, "checkpoints kept")
-    eval_every: int = option(0, "steps between evaluations; 0 = only at the end")
+    eval_every: Optional[int] = option(None, "steps between evaluations (default: every epoch, or every tenth of "
+                                             "a run shorter than 10 epochs); 0 = only at the end")
     eval_batch_size: Optional[int] = option(None, "eval batch over all devices (default: --global_batch_size)")
     log_every: int = option(50, "steps between metric records")
     init_from: Optional[str] = option(None, "fine-tune from a .safetensors file (new head if num_classes "
@@ -192,8 +193,6 @@ def get_config(variant: str = "t8", **overrides: Any) -> TrainConfig:
     """
     name = canonical_name(variant)
     fields = {"variant": name, **VARIANT_RECIPE[name], **overrides}
-    if "variant" in overrides:
-        fields["variant"] = canonical_name(overrides["variant"])
     if fields.get("randaugment") is None or str(fields["randaugment"]).lower() in ("none", "off"):
         fields["randaugment"] = ""
     return TrainConfig.from_dict(fields)

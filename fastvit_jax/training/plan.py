@@ -1,4 +1,4 @@
-"""The step plan of a run: steps per epoch, schedule length, warm-up, total steps, peak lr.
+"""The step plan of a run: steps per epoch, schedule length, warm-up, total steps, peak lr, eval cadence.
 
 Pure Python. Short runs get a warm-up that fits: the recipe's 5 epochs are scaled down to
 at most 10% of the schedule, and ``Plan.notes`` says so; a warm-up the user asked for
@@ -22,12 +22,14 @@ class Plan:
     warmup_steps: int
     total_steps: int  # the step this run trains to (schedule + cool-down, or --num_steps)
     peak_lr: float
+    eval_every: int  # steps between evaluations; 0: only at the end
     notes: Tuple[str, ...] = ()  # what was changed from the recipe, and why
 
     def describe(self) -> str:
         return (f"peak lr {self.peak_lr:.3g}, warm-up {self.warmup_steps} steps, cosine over "
                 f"{self.schedule_steps} steps, training to step {self.total_steps} "
-                f"({self.steps_per_epoch} steps per epoch)")
+                f"({self.steps_per_epoch} steps per epoch), evaluating "
+                f"{f'every {self.eval_every} steps' if self.eval_every else 'at the end'}")
 
 
 def _warmup(config: TrainConfig, steps_per_epoch: int, schedule_steps: int) -> Tuple[int, Tuple[str, ...]]:
@@ -67,4 +69,7 @@ def make_plan(config: TrainConfig, num_train: int) -> Plan:
         schedule_steps = total_steps = int(config.num_steps)
     schedule_steps = max(schedule_steps, 1)
     warmup_steps, notes = _warmup(config, steps_per_epoch, schedule_steps)
-    return Plan(steps_per_epoch, schedule_steps, warmup_steps, total_steps, config.peak_lr, notes)
+    eval_every = config.eval_every
+    if eval_every is None:  # like timm, every epoch; several points on a short run's curve too
+        eval_every = max(1, min(steps_per_epoch, total_steps // 10))
+    return Plan(steps_per_epoch, schedule_steps, warmup_steps, total_steps, config.peak_lr, eval_every, notes)

@@ -293,7 +293,7 @@ def train_and_evaluate(config: TrainConfig, *, model_fn: Callable[..., nn.Module
                     if progress_bar is not None:
                         progress_bar.write(message)
                     break
-                if config.eval_every and step % config.eval_every == 0 and step < plan.total_steps:
+                if plan.eval_every and step % plan.eval_every == 0 and step < plan.total_steps:
                     train_log.flush(step)
                     _evaluate(eval_step, state, config, mesh, writer, step)
             train_log.flush(step)
