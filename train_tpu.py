@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     host_memory.keep_freed_host_memory(args.host_malloc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "tensorflow"):
+    for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache", "orbax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     # Multi-host: must run before anything touches the JAX backend.

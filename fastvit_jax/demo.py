@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     args = _parse(argv)
     t0 = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "tensorflow"):
+    for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache", "orbax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     import jax

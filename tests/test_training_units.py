@@ -408,3 +408,36 @@ def test_compilation_cache_dir_resolution(monkeypatch):
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/tmp/jc")
     assert resolve_cache_dir(None) == "/tmp/jc"
     assert resolve_cache_dir("/x/y") == "/x/y" and resolve_cache_dir("none") is None
+
+
+def test_post_compilation_barrier_waits_for_the_slower_process(tmp_path):
+    """Two real processes (jax.distributed on localhost): process 0 passes the barrier only
+    after process 1, still 'compiling' for 3 s, has reached it (it leaves a file just before)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    marker = tmp_path / "process1_reached_the_barrier"
+    script = tmp_path / "barrier.py"
+    script.write_text(
+        "import pathlib, sys, time\n"
+        "import jax\n"
+        "pid = int(sys.argv[1])\n"
+        f"jax.distributed.initialize(coordinator_address='localhost:{port}', num_processes=2, process_id=pid)\n"
+        "from fastvit_jax.training.compile_cache import wait_for_all_processes\n"
+        f"marker = pathlib.Path({str(marker)!r})\n"
+        "if pid == 1:\n"
+        "    time.sleep(3)\n"
+        "    marker.write_text('here')\n"
+        "wait_for_all_processes('compiled')\n"
+        "print('marker seen after the barrier:', marker.exists())\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    procs = [subprocess.Popen([sys.executable, str(script), str(pid)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for pid in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert outs[0][0].strip() == "marker seen after the barrier: True"
