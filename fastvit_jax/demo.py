@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     args = _parse(argv)
     t0 = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "tensorflow"):
+    for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache", "orbax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     import jax
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     import fastvit_jax
     from fastvit_jax.data.demo import prepare_demo
     from fastvit_jax.data.pipeline import make_eval_dataset
-    from fastvit_jax.training.config import TrainConfig
+    from fastvit_jax.training.config import get_config
     from fastvit_jax.training.trainer import train_and_evaluate
 
     workdir = os.path.abspath(args.workdir)
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     prepare_demo(data_dir)
     t_data = time.perf_counter() - t0
 
-    config = TrainConfig.from_recipe(
+    config = get_config(
         "t8",
         dataset="demo",
         data_dir=data_dir,
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         mesh="data:-1",
         dtype="float32",
         # Short-run recipe: Apple's recipe scaled down to ~5 epochs of a 3000-image set.
-        lr=0.016,  # peak 2e-3 at batch 128 (scaled by batch/1024)
+        lr=2e-3,  # absolute peak
         warmup_steps=max(1, args.steps // 15),
         min_lr=1e-5,
         weight_decay=0.05,
@@ -108,14 +108,14 @@ def main(argv=None) -> int:
     print(f"[demo] training fastvit_t8 at {args.image_size}px, batch {args.batch_size}, {args.steps} steps "
           f"on mesh {config.mesh} ...")
     res = train_and_evaluate(config)
-    ev = res["eval"]
+    ev = res.eval
 
     # Reload the fused export and compare with the train-form EMA model on the val set.
     print("[demo] reloading the fused export into create_model('t8', inference_mode=True) ...")
-    fused = fastvit_jax.load_variables(res["export_path"])
+    fused = fastvit_jax.load_variables(res.export_path)
     fused_model = fastvit_jax.create_model("t8", num_classes=10, inference_mode=True)
-    train_model = res["model"]
-    ema_vars = jax.device_get(res["state"].variables(ema=True))
+    train_model = res.model
+    ema_vars = jax.device_get(res.state.variables(ema=True))
 
     @jax.jit
     def both(va, vb, x):
@@ -125,14 +125,13 @@ def main(argv=None) -> int:
     max_diff = 0.0
     for batch in make_eval_dataset("demo", data_dir, batch_size=250, image_size=config.image_size,
                                    crop_pct=config.eval_crop_pct).as_numpy_iterator():
-        a, b = both(ema_vars, fused, jnp.asarray(batch["image"]))
-        a, b = np.asarray(a), np.asarray(b)
-        m = batch["mask"] > 0
-        pa, pb = a.argmax(-1)[m], b.argmax(-1)[m]
-        agree += int((pa == pb).sum())
-        correct += int((pb == batch["label"][m]).sum())
-        n += int(m.sum())
-        max_diff = max(max_diff, float(np.abs(a[m] - b[m]).max()))
+        train_logits, fused_logits = (np.asarray(x) for x in both(ema_vars, fused, jnp.asarray(batch["image"])))
+        valid = batch["mask"] > 0
+        train_pred, fused_pred = train_logits.argmax(-1)[valid], fused_logits.argmax(-1)[valid]
+        agree += int((train_pred == fused_pred).sum())
+        correct += int((fused_pred == batch["label"][valid]).sum())
+        n += int(valid.sum())
+        max_diff = max(max_diff, float(np.abs(train_logits[valid] - fused_logits[valid]).max()))
     fused_acc = correct / max(n, 1)
     wall = time.perf_counter() - t0
 
@@ -140,12 +139,12 @@ def main(argv=None) -> int:
     ok_fused = agree == n
     print("\n" + "=" * 78)
     print("FastViT-t8 demo summary")
-    print(f"  devices          : {jax.device_count()} faked CPU devices, mesh {dict(res['mesh'].shape)}, "
+    print(f"  devices          : {jax.device_count()} faked CPU devices, mesh {dict(res.mesh.shape)}, "
           f"batch {args.batch_size} split 8 ways")
     print(f"  data             : fastvit_demo (10 classes, 3000 train / 500 val), {args.image_size}px "
           f"(prepared in {t_data:.0f}s)")
-    print(f"  trained          : {res['final_step']} steps "
-          f"({res['final_step'] * args.batch_size / 3000:.1f} epochs)")
+    print(f"  trained          : {res.final_step} steps "
+          f"({res.final_step * args.batch_size / 3000:.1f} epochs)")
     print(f"  val top-1 (raw)  : {100 * ev['top1']:.1f}%   top-5 {100 * ev['top5']:.1f}%   loss {ev['loss']:.3f}")
     print(f"  val top-1 (EMA)  : {100 * ev['ema_top1']:.1f}%   top-5 {100 * ev['ema_top5']:.1f}%   "
           f"loss {ev['ema_loss']:.3f}   (chance: 10%)")
@@ -156,9 +155,9 @@ def main(argv=None) -> int:
     print(f"    checkpoints    : {os.path.join(run_dir, 'checkpoints')}")
     print(f"    config         : {os.path.join(run_dir, 'config.json')}")
     print(f"    metrics        : {os.path.join(run_dir, 'metrics.jsonl')}")
-    print(f"    tensorboard    : {os.path.join(run_dir, 'tensorboard')}  (tensorboard --logdir ...)")
-    print(f"    curves         : {res['plot_path']}")
-    print(f"    fused export   : {res['export_path']}")
+    print(f"    tensorboard    : {os.path.join(run_dir, 'tensorboard')}  (view: tensorboard --logdir <that folder>)")
+    print(f"    curves         : {res.plot_path}")
+    print(f"    fused export   : {res.export_path}")
     print("=" * 78)
     if not ok_fused:
         print("[demo] FAILED: the fused export disagrees with the train-form model")

@@ -1,9 +1,10 @@
-"""The seven FastViT variants and the paper's training recipe, as plain data.
+"""The seven FastViT variants, as plain data.
 
 This module is the single source of truth for the architecture table. It imports
 neither JAX nor PyTorch, so both ``fastvit_jax`` and ``torch_ref`` read it (and so
 does ``convert``). Numbers follow Apple's ml-fastvit code; the data configs of the
 released ImageNet weights (``pretrained_cfg``) follow timm's ``fastvit_*.apple_in1k``.
+The training recipe is in ``fastvit_jax/training/config.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 __all__ = [
     "VARIANTS",
     "VariantConfig",
-    "RecipeDefaults",
     "get_variant",
     "canonical_name",
     "OFFICIAL_PARAM_COUNTS",
@@ -184,47 +184,12 @@ class PretrainedCfg:
 
 
 def pretrained_cfg(variant: str, *, num_classes: int = 1000, image_size: Optional[int] = None) -> PretrainedCfg:
-    """The data config of ``variant``'s ImageNet weights: 256 px, crop 0.9 (0.95 for sa36/ma36),
+    """The data config of ``variant``'s ImageNet weights: 256 px, crop 0.9 (0.95 for ma36),
     bicubic, ImageNet mean/std. ``image_size`` changes the input size (square)."""
     cfg = get_variant(variant)
     size = 256 if image_size is None else int(image_size)
     return PretrainedCfg(variant=cfg.name, num_classes=int(num_classes), input_size=(3, size, size),
                          crop_pct=cfg.crop_pct, num_features=cfg.num_features)
-
-
-@dataclasses.dataclass(frozen=True)
-class RecipeDefaults:
-    """Apple's training recipe (ml-fastvit train.py defaults + README commands)."""
-
-    epochs: int = 300
-    base_lr: float = 1e-3            # at global batch 1024; scaled linearly with batch
-    base_batch_size: int = 1024
-    weight_decay: float = 0.05
-    warmup_epochs: int = 5
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    label_smoothing: float = 0.1
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
-    mixup_switch_prob: float = 0.5
-    randaugment: str = "rand-m9-mstd0.5-inc1"
-    random_erase_prob: float = 0.25
-    color_jitter: float = 0.4
-    rrc_scale: Tuple[float, float] = (0.08, 1.0)
-    ema_decay: float = 0.9995
-    drop_path_rate: float = 0.0
-    image_size: int = 256
-
-
-_DROP_PATH = {"t8": 0.0, "t12": 0.0, "s12": 0.0, "sa12": 0.1, "sa24": 0.1, "sa36": 0.2, "ma36": 0.35}
-# Apple's README runs pass --mixup 0.2 for t8 ... sa36; ma36 keeps the default 0.8.
-_MIXUP = {"t8": 0.2, "t12": 0.2, "s12": 0.2, "sa12": 0.2, "sa24": 0.2, "sa36": 0.2, "ma36": 0.8}
-
-
-def recipe_for(variant: str) -> RecipeDefaults:
-    """The per-variant training defaults (drop path and mixup differ per variant)."""
-    name = canonical_name(variant)
-    return RecipeDefaults(drop_path_rate=_DROP_PATH[name], mixup_alpha=_MIXUP[name])
 
 
 def drop_path_rates(depths: Sequence[int], rate: float) -> List[List[float]]:

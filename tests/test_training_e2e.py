@@ -11,6 +11,7 @@ model so they compile in seconds.
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,10 +21,11 @@ import numpy as np
 import pytest
 
 from fastvit_jax.training import trainer
-from fastvit_jax.training.config import ConfigMismatchError, TrainConfig
+from fastvit_jax.training.config import ConfigMismatchError, get_config
+from fastvit_jax.training.evaluate import evaluate_checkpoint
 from fastvit_jax.training.metrics import read_metrics
 
-from test_training_helpers import TinyNet, create_tiny_model  # noqa: E402
+from test_training_helpers import TinyNet, create_tiny_model  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.xdist_group("training_e2e")  # one worker if honoured; see _shared_dir
 
@@ -50,26 +52,31 @@ def _shared_dir(tmp_path_factory, name):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def _fake_imagenet(tmp_path_factory, name: str, per_class: int) -> str:
+    """A prepared tiny imagenet2012 (4 classes x per_class train JPEGs, 8 val), built once per session."""
     from fastvit_jax.data.demo import make_fake_imagenet
 
-    with _shared_dir(tmp_path_factory, "training_tfds") as d:
+    with _shared_dir(tmp_path_factory, name) as d:
         if not (d / "done").exists():
-            make_fake_imagenet(str(d), str(d / "manual"), num_classes_used=4, per_class=4, num_val=8)
+            make_fake_imagenet(str(d), str(d / "manual"), num_classes_used=4, per_class=per_class, num_val=8)
             (d / "done").write_text("ok")
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return _fake_imagenet(tmp_path_factory, "training_tfds", per_class=4)
 
 
 def _config(data_dir, workdir, **kw):
     base = dict(
         dataset="imagenet2012", data_dir=data_dir, workdir=str(workdir), global_batch_size=16, image_size=32,
-        num_epochs=None, num_steps=STEPS, warmup_steps=2, lr=0.128,  # peak 2e-3 at batch 16
+        num_epochs=None, num_steps=STEPS, warmup_steps=2, lr=2e-3,
         mixup=0.2, cutmix=1.0, randaugment="", reprob=0.0, color_jitter=0.0, rrc_scale=(0.5, 1.0),
-        checkpoint_every=5, log_every=1, eval_batch_size=8, ema_decay=0.9, progress=False,
+        checkpoint_every=5, log_every=1, eval_every=0, eval_batch_size=8, ema_decay=0.9, progress=False,
     )
     base.update(kw)
-    return TrainConfig.from_recipe("t8", **base)
+    return get_config("t8", **base)
 
 
 class _Crash(Exception):
@@ -77,8 +84,9 @@ class _Crash(Exception):
 
 
 def _summary(res):
-    keep = {k: res[k] for k in ("final_step", "preempted", "eval", "export_path", "plot_path", "resumed_from")}
-    keep["losses"] = {str(k): v for k, v in res["losses"].items()}
+    keep = {k: getattr(res, k) for k in ("final_step", "preempted", "eval", "export_path", "plot_path",
+                                         "resumed_from")}
+    keep["losses"] = {str(k): v for k, v in res.losses.items()}
     return keep
 
 
@@ -151,8 +159,8 @@ def test_fused_export_matches_train_form(full_run, data_dir, tmp_path):
 
     wd, res = full_run
     fused = fastvit_jax.load_variables(res["export_path"])
-    m = trainer.evaluate_checkpoint(_config(data_dir, tmp_path / "eval_export",
-                                            init_from=res["export_path"], eval_only=True))
+    m = evaluate_checkpoint(_config(data_dir, tmp_path / "eval_export", init_from=res["export_path"],
+                                    eval_only=True))
     assert m["top5"] == pytest.approx(res["eval"]["ema_top5"], abs=1e-6)
     assert m["loss"] == pytest.approx(res["eval"]["ema_loss"], rel=1e-4, abs=1e-4)
     assert fastvit_jax.reparameterize(fused)["params"].keys() == fused["params"].keys()  # already fused
@@ -169,48 +177,120 @@ def test_kill_and_resume_reproduces_losses(runs):
 
 
 # ---------------------------------------------------------------------------- tiny-model tests
-@pytest.fixture
-def tiny(monkeypatch):
-    monkeypatch.setattr(trainer, "create_model", create_tiny_model)
+# The model is passed in: model_fn=create_tiny_model builds a stand-in that compiles in seconds.
 
 
-def test_sigterm_saves_and_stops(tiny, data_dir, tmp_path):
+def test_sigterm_saves_and_stops(data_dir, tmp_path):
     cfg = _config(data_dir, tmp_path / "wd", checkpoint_every=100)
 
     def term_at_3(step, metrics):
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler sets a flag
 
-    res = trainer.train_and_evaluate(cfg, step_callback=term_at_3)
-    assert res["preempted"] and res["final_step"] == 3
+    res = trainer.train_and_evaluate(cfg, model_fn=create_tiny_model, step_callback=term_at_3)
+    assert res.preempted and res.final_step == 3 and res.eval is None
     assert sorted(int(n) for n in os.listdir(tmp_path / "wd" / "checkpoints") if n.isdigit()) == [3]
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.default_int_handler) or callable(
         signal.getsignal(signal.SIGTERM))
-    res2 = trainer.train_and_evaluate(cfg.replace(export=False))
-    assert res2["resumed_from"] == 3 and res2["final_step"] == STEPS
+    res2 = trainer.train_and_evaluate(cfg.replace(export=False), model_fn=create_tiny_model)
+    assert res2.resumed_from == 3 and res2.final_step == STEPS
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(monkeypatch, data_dir, tmp_path):
-    monkeypatch.setattr(trainer, "create_model",
-                        lambda v, *, num_classes, drop_path_rate, dtype, **kw: TinyNet(num_classes=num_classes, nan_after=3))
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    def nan_model(variant, *, num_classes, drop_path_rate, dtype, **kw):
+        return TinyNet(num_classes=num_classes, nan_after=3)
+
     cfg = _config(data_dir, tmp_path / "wd", checkpoint_every=2, log_every=5)
     with pytest.raises(trainer.NonFiniteLossError) as e:
-        trainer.train_and_evaluate(cfg)
+        trainer.train_and_evaluate(cfg, model_fn=nan_model)
     assert e.value.step == 3 and e.value.last_checkpoint == 2
     assert "step 3" in str(e.value)
     assert sorted(int(n) for n in os.listdir(tmp_path / "wd" / "checkpoints") if n.isdigit()) == [2]
 
 
-def test_wrong_config_workdir_refused(tiny, data_dir, tmp_path):
+def test_changed_model_or_data_field_is_refused(data_dir, tmp_path):
     cfg = _config(data_dir, tmp_path / "wd", num_steps=2, export=False)
-    trainer.train_and_evaluate(cfg)
+    trainer.train_and_evaluate(cfg, model_fn=create_tiny_model)
     with pytest.raises(ConfigMismatchError, match="image_size: workdir has 32, this run has 48"):
-        trainer.train_and_evaluate(cfg.replace(image_size=48))
+        trainer.train_and_evaluate(cfg.replace(image_size=48), model_fn=create_tiny_model)
     with pytest.raises(ConfigMismatchError, match="variant"):
-        trainer.train_and_evaluate(cfg.replace(variant="sa12"))
+        trainer.train_and_evaluate(cfg.replace(variant="sa12"), model_fn=create_tiny_model)
+    with pytest.raises(ConfigMismatchError) as e:  # a model field and a data field, both named
+        trainer.train_and_evaluate(cfg.replace(drop_path=0.3, hflip=0.0), model_fn=create_tiny_model)
+    assert "drop_path: workdir has 0.0, this run has 0.3" in str(e.value) and "hflip" in str(e.value)
 
 
-def test_init_from_new_head_and_eval_only_workdir(tiny, data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def data_dir_32(tmp_path_factory):
+    """32 train images (4 classes x 8): one batch of 32 per epoch."""
+    return _fake_imagenet(tmp_path_factory, "training_tfds_32", per_class=8)
+
+
+def test_short_run_reaches_its_peak_lr_and_the_loss_falls(data_dir_32, tmp_path, caplog):
+    """The issue's trap: 30 steps at batch 32 under the recipe's 5-epoch warm-up never left it.
+    Now the warm-up is scaled to 10% of the run (3 steps) and a warning says so."""
+    cfg = get_config("t8", dataset="imagenet2012", data_dir=data_dir_32, workdir=str(tmp_path / "wd"),
+                     global_batch_size=32, image_size=32, num_epochs=None, num_steps=30, lr=3e-3,
+                     randaugment="", reprob=0.0, log_every=1, eval_batch_size=8, progress=False, export=False)
+    # eval_every not set: every epoch (one step of 32 images here), so the evals form a curve
+    with caplog.at_level(logging.INFO, logger="fastvit_jax.training"):
+        res = trainer.train_and_evaluate(cfg, model_fn=create_tiny_model)
+    assert res.plan.warmup_steps == 3 and res.plan.steps_per_epoch == 1
+    assert "warm-up scaled from the recipe's 5 epochs (5 steps) to 3 steps" in caplog.text
+    assert "peak lr 0.003, warm-up 3 steps" in caplog.text and "training to step 30" in caplog.text
+    train = [r for r in read_metrics(str(tmp_path / "wd")) if r["kind"] == "train"]
+    lrs = [r["lr"] for r in train]
+    # Step 4 is the first after the warm-up; timm's cosine (warmup_prefix=False) is already at
+    # cos(pi * 3/30) there: 97.6% of the peak, the highest rate of the run.
+    assert int(np.argmax(lrs)) == 3 and lrs[3] == pytest.approx(1e-5 + (3e-3 - 1e-5) * (1 + np.cos(np.pi / 10)) / 2)
+    losses = [r["loss"] for r in train]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
+    evals = [r["step"] for r in read_metrics(str(tmp_path / "wd")) if r["kind"] == "eval"]
+    assert evals == list(range(1, 31)) and "evaluating every 1 steps" in caplog.text
+
+
+def test_extending_a_finished_run_continues_from_its_checkpoint(data_dir, tmp_path, caplog):
+    """A finished 10-step run, rerun with --num_steps 20, continues from step 10; with the
+    schedule fixed by --num_epochs its new losses equal an uninterrupted 20-step run's."""
+    kw = dict(num_epochs=40, num_steps=10, checkpoint_every=5, export=False, plot=False)
+    short = _config(data_dir, tmp_path / "extended", **kw)
+    first = trainer.train_and_evaluate(short, model_fn=create_tiny_model)
+    assert first.final_step == 10 and not first.preempted
+    with caplog.at_level(logging.INFO, logger="fastvit_jax.training"):
+        extended = trainer.train_and_evaluate(short.replace(num_steps=20), model_fn=create_tiny_model)
+    assert extended.resumed_from == 10 and extended.final_step == 20
+    assert sorted(extended.losses) == list(range(11, 21))
+    assert "run length changed (num_steps 10 -> 20): schedule recomputed" in caplog.text
+    reference = trainer.train_and_evaluate(_config(data_dir, tmp_path / "uninterrupted", **dict(kw, num_steps=20)),
+                                           model_fn=create_tiny_model)
+    for step in range(11, 21):
+        assert extended.losses[step] == pytest.approx(reference.losses[step], rel=1e-5, abs=1e-6), step
+    # Without --num_epochs the schedule follows --num_steps and is recomputed for the longer run.
+    again = trainer.train_and_evaluate(_config(data_dir, tmp_path / "extended2", num_steps=10, export=False,
+                                               plot=False), model_fn=create_tiny_model)
+    longer = trainer.train_and_evaluate(again.config.replace(num_steps=20), model_fn=create_tiny_model)
+    assert longer.resumed_from == 10 and longer.plan.schedule_steps == 20
+    lr_11 = [r["lr"] for r in read_metrics(str(tmp_path / "extended2")) if r["kind"] == "train" and r["step"] == 11]
+    from fastvit_jax.training.optimizer import lr_schedule
+
+    expected = lr_schedule(2e-3, total_steps=20, warmup_steps=2, warmup_lr=1e-6, min_lr=1e-5)(10)
+    assert lr_11 == [pytest.approx(float(expected), rel=1e-5)]
+
+
+def test_second_start_loads_the_train_step_from_the_compilation_cache(data_dir, tmp_path, caplog):
+    cache = str(tmp_path / "jax_cache")
+    cfg = _config(data_dir, tmp_path / "first", num_steps=2, compilation_cache_dir=cache, export=False, plot=False)
+    first = trainer.train_and_evaluate(cfg, model_fn=create_tiny_model)
+    assert first.train_step_from_cache is False  # an empty cache
+    with caplog.at_level(logging.DEBUG, logger="jax._src.compiler"):
+        second = trainer.train_and_evaluate(cfg.replace(workdir=str(tmp_path / "second")),
+                                            model_fn=create_tiny_model)
+    assert second.train_step_from_cache is True
+    assert "Persistent compilation cache hit for 'jit_train_step'" in caplog.text  # JAX's own word
+    assert second.losses == first.losses
+
+
+def test_init_from_new_head_and_eval_only_workdir(data_dir, tmp_path):
     """Fine-tune from a 10-class safetensors file into the 1000-class dataset: body loaded,
     head new; then --eval_only on the trainer workdir reports raw and EMA metrics."""
     import jax
@@ -221,20 +301,21 @@ def test_init_from_new_head_and_eval_only_workdir(tiny, data_dir, tmp_path):
     src = TinyNet(num_classes=10).init({"params": jax.random.PRNGKey(7)}, jnp.zeros((1, 32, 32, 3)), train=False)
     path = fastvit_jax.save_variables(str(tmp_path / "pre.safetensors"), jax.device_get(src))
     cfg = _config(data_dir, tmp_path / "ft", init_from=path, num_steps=1, export=False, plot=False)
-    res = trainer.train_and_evaluate(cfg)
-    st = jax.device_get(res["state"])
+    res = trainer.train_and_evaluate(cfg, model_fn=create_tiny_model)
+    st = jax.device_get(res.state)
     assert st.params["head"]["fc"]["kernel"].shape == (16, 1000)
     # one AdamW step moves weights by ~lr; the loaded body is still close to the file's
     np.testing.assert_allclose(st.params["mix"]["kernel"], np.asarray(src["params"]["mix"]["kernel"]), atol=5e-3)
-    m = trainer.evaluate_checkpoint(cfg.replace(eval_only=True, init_from=str(tmp_path / "ft")))
+    m = evaluate_checkpoint(cfg.replace(eval_only=True, init_from=str(tmp_path / "ft")), model_fn=create_tiny_model)
     assert {"top1", "ema_top1", "loss", "ema_loss"} <= set(m) and m["num_examples"] == 8
+    assert m["ema_loss"] == pytest.approx(res.eval["ema_loss"], rel=1e-5)  # the checkpoint's EMA weights
 
 
 def test_missing_dataset_message(tmp_path):
     from fastvit_jax.data.pipeline import DatasetNotFoundError
 
-    cfg = TrainConfig.from_recipe("t8", dataset="imagenet2012", data_dir=str(tmp_path), workdir=str(tmp_path / "w"),
-                                  progress=False)
+    cfg = get_config("t8", dataset="imagenet2012", data_dir=str(tmp_path), workdir=str(tmp_path / "w"),
+                     progress=False)
     with pytest.raises(DatasetNotFoundError, match="ILSVRC2012_img_train.tar"):
         trainer.train_and_evaluate(cfg)
 
@@ -249,7 +330,8 @@ def test_cli_missing_dataset_exit_code_and_help(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(REPO, "train_tpu.py"), "--help"], capture_output=True,
                        text=True, env=env, timeout=120)
     assert r.returncode == 0
-    for flag in ("--variant", "--dataset", "--mesh", "--init_from", "--eval_only", "--mixup", "--ema_decay"):
+    for flag in ("--variant", "--dataset", "--mesh", "--init_from", "--eval_only", "--mixup", "--ema_decay",
+                 "--lr_base", "--lr_base_size", "--compilation_cache_dir"):
         assert flag in r.stdout
 
 

@@ -1,5 +1,6 @@
 """Unit tests of the trainer's pure pieces (8 fake CPU devices, no dataset, seconds)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -11,19 +12,26 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from fastvit_jax.data.pipeline import device_prefetch
 from fastvit_jax.training import mesh as mesh_lib
 from fastvit_jax.training.checkpoint import Checkpointer, abstract_with_shardings
 from fastvit_jax.training.config import (
+    BOOKKEEPING_FIELDS,
+    RUN_LENGTH_FIELDS,
     ConfigMismatchError,
     TrainConfig,
-    check_or_write_workdir_config,
+    check_workdir_config,
+    get_config,
+    write_workdir_config,
 )
 from fastvit_jax.training.ema import ema_update
 from fastvit_jax.training.losses import eval_sums, soft_cross_entropy
 from fastvit_jax.training.mixup import cutmix_box, mixup_cutmix, smooth_one_hot
 from fastvit_jax.training.optimizer import lr_schedule, make_optimizer, weight_decay_mask
 from fastvit_jax.training.state import create_state
-from fastvit_jax.training.trainer import NonFiniteLossError, make_plan, merge_pretrained
+from fastvit_jax.training.plan import make_plan
+from fastvit_jax.training.pretrained import merge_pretrained
+from fastvit_jax.training.trainer import NonFiniteLossError
 
 from test_training_helpers import TinyNet  # noqa: E402  (tests/ is on sys.path)
 
@@ -36,36 +44,60 @@ def tiny_variables():
 
 # ---------------------------------------------------------------------------- config
 def test_recipe_defaults_and_overrides():
-    c = TrainConfig.from_recipe("fastvit_sa12")
+    c = get_config("fastvit_sa12")
     assert c.variant == "sa12" and c.drop_path == 0.1 and c.mixup == 0.2 and c.cutmix == 1.0
-    assert c.lr == 1e-3 and c.weight_decay == 0.05 and c.warmup_epochs == 5 and c.ema_decay == 0.9995
+    assert c.lr is None and c.lr_base == 1e-3 and c.lr_base_size == 1024 and c.weight_decay == 0.05
+    assert c.warmup_epochs is None and c.warmup_steps is None and c.ema_decay == 0.9995
     assert c.label_smoothing == 0.1 and c.min_lr == 1e-5 and c.warmup_lr == 1e-6 and c.num_epochs == 300
-    assert TrainConfig.from_recipe("ma36").mixup == 0.8 and TrainConfig.from_recipe("ma36").drop_path == 0.35
-    c2 = TrainConfig.from_recipe("t8", global_batch_size=256, mixup=0.0)
-    assert c2.peak_lr == pytest.approx(2.5e-4) and c2.mixup == 0.0 and c2.lr == 1e-3
-    assert TrainConfig.from_json(c2.to_json()) == c2
-    assert TrainConfig.from_recipe("t8", num_epochs=None, num_steps=5).num_epochs is None
+    assert get_config("ma36").mixup == 0.8 and get_config("ma36").drop_path == 0.35
+    assert get_config("t8").mixup == 0.2  # the recipe's per-variant value, not a generic default
+    c2 = get_config("t8", global_batch_size=256, mixup=0.0)
+    assert c2.mixup == 0.0 and TrainConfig.from_json(c2.to_json()) == c2
+    assert get_config("t8", num_epochs=None, num_steps=5).num_epochs is None
+    assert get_config("t8", randaugment="none").randaugment == ""
     with pytest.raises(ValueError, match="unknown TrainConfig"):
-        TrainConfig.from_recipe("t8", nonsense=1)
+        get_config("t8", nonsense=1)
     with pytest.raises(ValueError, match="unknown FastViT variant"):
-        TrainConfig.from_recipe("t9")
+        get_config("t9")
+
+
+def test_lr_is_the_absolute_peak_and_lr_base_scales_with_batch():
+    assert get_config("t8", global_batch_size=256).peak_lr == pytest.approx(2.5e-4)  # 1e-3 * 256 / 1024
+    assert get_config("t8", global_batch_size=32, lr=1e-4).peak_lr == 1e-4  # --lr is not scaled
+    assert get_config("t8", global_batch_size=512, lr_base=4e-3, lr_base_size=256).peak_lr == pytest.approx(8e-3)
+    plan = make_plan(get_config("t8", global_batch_size=32, lr=1e-4, num_epochs=None, num_steps=30), 3000)
+    assert plan.peak_lr == 1e-4 and "peak lr 0.0001" in plan.describe()
 
 
 def test_workdir_config_mismatch_is_refused(tmp_path):
     wd = str(tmp_path / "wd")
-    c = TrainConfig.from_recipe("t8", workdir=wd, num_classes=10)
-    check_or_write_workdir_config(wd, c)
+    c = get_config("t8", workdir=wd, num_classes=10)
+    assert check_workdir_config(wd, c) == {}  # a new workdir
+    write_workdir_config(wd, c)
     assert json.load(open(os.path.join(wd, "config.json")))["variant"] == "t8"
-    check_or_write_workdir_config(wd, c.replace(eval_every=7, data_dir="/elsewhere"))  # harmless fields
+    assert check_workdir_config(wd, c.replace(eval_every=7, data_dir="/elsewhere", mesh="data:-1,fsdp:2")) == {}
+    assert check_workdir_config(wd, c.replace(num_steps=40)) == {"num_steps": (None, 40)}  # extending
     with pytest.raises(ConfigMismatchError) as e:
-        check_or_write_workdir_config(wd, c.replace(variant="sa12", image_size=128))
+        check_workdir_config(wd, c.replace(variant="sa12", image_size=128))
     msg = str(e.value)
     assert "variant: workdir has 't8', this run has 'sa12'" in msg and "image_size" in msg
-    assert "new --workdir" in msg
+    assert "new --workdir" in msg and "lr_base" not in msg
+    with pytest.raises(ConfigMismatchError, match="lr_base_size: workdir has 1024, this run has 256"):
+        check_workdir_config(wd, c.replace(lr_base_size=256))  # the peak lr depends on it
+
+
+def test_every_field_is_protected_unless_listed():
+    """A field added later is protected by default: only the named run-length and bookkeeping
+    fields may change on a restart."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(RUN_LENGTH_FIELDS) | set(BOOKKEEPING_FIELDS) <= fields
+    protected = fields - set(RUN_LENGTH_FIELDS) - set(BOOKKEEPING_FIELDS)
+    assert {"variant", "dataset", "image_size", "global_batch_size", "seed", "lr", "lr_base", "lr_base_size",
+            "warmup_steps", "mixup", "drop_path", "dtype", "randaugment"} <= protected
 
 
 def test_plan_epochs_steps_and_small_dataset():
-    c = TrainConfig.from_recipe("t8", global_batch_size=100, num_epochs=10, warmup_epochs=2)
+    c = get_config("t8", global_batch_size=100, num_epochs=10, warmup_epochs=2)
     p = make_plan(c, 1050)
     assert (p.steps_per_epoch, p.schedule_steps, p.warmup_steps, p.total_steps) == (10, 100, 20, 100)
     p = make_plan(c.replace(num_steps=7), 1050)
@@ -74,6 +106,30 @@ def test_plan_epochs_steps_and_small_dataset():
     assert (p.schedule_steps, p.warmup_steps, p.total_steps) == (30, 3, 30)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         make_plan(c, 50)
+
+
+def test_eval_cadence_every_epoch_or_a_tenth_of_a_short_run():
+    c = get_config("t8", global_batch_size=100, num_epochs=300)
+    assert make_plan(c, 1050).eval_every == 10  # every epoch, as timm
+    assert make_plan(c.replace(num_epochs=None, num_steps=30), 100_000).eval_every == 3  # shorter than an epoch
+    assert make_plan(c.replace(eval_every=0), 1050).eval_every == 0  # only at the end
+    assert make_plan(c.replace(eval_every=7), 1050).eval_every == 7
+
+
+def test_recipe_warmup_is_scaled_to_fit_a_short_run():
+    # The issue's run: 3000 demo images at batch 32 -> 93 steps/epoch; 5 epochs = 465 steps > 30.
+    short = get_config("t8", global_batch_size=32, num_epochs=None, num_steps=30)
+    p = make_plan(short, 3000)
+    assert p.warmup_steps == 3 and p.schedule_steps == 30  # 10% of the run
+    assert len(p.notes) == 1 and "465 steps" in p.notes[0] and "to 3 steps" in p.notes[0]
+    # A long run keeps the recipe's 5 epochs, silently.
+    p = make_plan(get_config("t8", global_batch_size=32, num_epochs=100), 3000)
+    assert p.warmup_steps == 465 and p.notes == ()
+    # What the user sets is kept, with a note when it never lets the lr reach its peak.
+    assert make_plan(short.replace(warmup_steps=20), 3000).warmup_steps == 20
+    assert make_plan(short.replace(warmup_epochs=0.1), 3000).warmup_steps == 9
+    p = make_plan(short.replace(warmup_epochs=1), 3000)
+    assert p.warmup_steps == 93 and "never reaches its peak" in p.notes[0]
 
 
 # ---------------------------------------------------------------------------- schedule
@@ -205,10 +261,10 @@ def test_state_and_batch_sharding_on_8_devices(spec, tiny_variables):
     else:
         assert mix.sharding.is_fully_replicated
     assert state.step.sharding.is_fully_replicated
-    bsh = mesh_lib.batch_sharding(mesh)
-    assert bsh.spec == (P(("data", "fsdp")) if "fsdp" in spec else P("data"))
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    assert batch_sharding.spec == (P(("data", "fsdp")) if "fsdp" in spec else P("data"))
     local = {"image": np.zeros((16, 8, 8, 3), np.float32), "label": np.arange(16, dtype=np.int32)}
-    batch = mesh_lib.make_global_batch(local, bsh)
+    batch = next(device_prefetch([local], batch_sharding))
     assert batch["image"].shape == (16, 8, 8, 3)
     assert {s.data.shape[0] for s in batch["image"].addressable_shards} == {2}  # 16 / 8 devices
     np.testing.assert_array_equal(np.asarray(batch["label"]), np.arange(16))
@@ -258,19 +314,130 @@ def test_nonfinite_error_message():
     assert "step 17" in str(e) and "Last good checkpoint: step 10" in str(e)
 
 
-def test_cli_flags_to_config():
+def _cli():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
         "train_tpu", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_tpu.py"))
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
+    return cli
+
+
+def test_cli_flags_to_config():
+    cli = _cli()
     args = cli.build_parser().parse_args(
         ["--variant", "sa24", "--num_steps", "100", "--mesh", "data:-1,fsdp:4", "--mixup", "0", "--lr", "2e-3",
          "--randaugment", "none", "--rrc_scale", "0.2", "1.0", "--no_export", "--eval_every", "10"])
     c = cli.config_from_args(args)
     assert c.variant == "sa24" and c.drop_path == 0.1 and c.num_steps == 100 and c.num_epochs is None
-    assert c.mesh == "data:-1,fsdp:4" and c.mixup == 0.0 and c.cutmix == 1.0 and c.lr == 2e-3
+    assert c.mesh == "data:-1,fsdp:4" and c.mixup == 0.0 and c.cutmix == 1.0 and c.lr == 2e-3 == c.peak_lr
     assert c.randaugment == "" and c.rrc_scale == (0.2, 1.0) and not c.export and c.eval_every == 10
     c = cli.config_from_args(cli.build_parser().parse_args(["--num_epochs", "30"]))
     assert c.num_epochs == 30 and c.num_steps is None and c.dataset == "imagenet2012" and c.image_size == 256
+    assert c == get_config("t8", num_epochs=30)  # flags not given keep the recipe
+    c = cli.config_from_args(cli.build_parser().parse_args(["--num_steps", "9", "--num_epochs", "none",
+                                                            "--clip_grad", "1.5", "--lr_base", "5e-4"]))
+    assert c.num_epochs is None and c.clip_grad == 1.5 and c.lr_base == 5e-4 and c.lr is None
+
+
+def test_cli_has_one_flag_per_config_field():
+    flags = {a.dest for a in _cli().build_parser()._actions}
+    switches = {"eval_only": "eval_only", "export": "no_export", "plot": "no_plot", "progress": "no_progress"}
+    for field in dataclasses.fields(TrainConfig):
+        assert switches.get(field.name, field.name) in flags, field.name
+        assert field.metadata["help"], field.name
+
+
+# ---------------------------------------------------------------------------- outputs
+def test_curves_have_a_learning_rate_panel_and_eval_curves(tmp_path):
+    from fastvit_jax.training.metrics import MetricWriter, plot_curves
+
+    writer = MetricWriter(str(tmp_path), tensorboard=False)
+    for step in range(1, 11):
+        writer.write(step, "train", {"loss": 3.0 - 0.1 * step, "lr": 1e-4 * step})
+        if step % 5 == 0:
+            writer.write(step, "eval", {"loss": 2.0, "top1": 0.1 * step, "top5": 0.5, "ema_loss": 2.1,
+                                        "ema_top1": 0.05 * step, "ema_top5": 0.4})
+    writer.close()
+    import matplotlib.pyplot as plt
+
+    created = []
+    real_subplots = plt.subplots
+
+    def recording_subplots(*args, **kwargs):
+        fig, axes = real_subplots(*args, **kwargs)
+        created.append(axes)
+        return fig, axes
+
+    plt.subplots = recording_subplots
+    try:
+        path = plot_curves(str(tmp_path))
+    finally:
+        plt.subplots = real_subplots
+    assert os.path.getsize(path) > 1000
+    ax_loss, ax_acc, ax_lr = created[0]
+    assert ax_lr.get_title() == "learning rate" and ax_lr.get_shared_x_axes().joined(ax_lr, ax_loss)
+    np.testing.assert_allclose(ax_lr.lines[0].get_ydata(), [1e-4 * s for s in range(1, 11)])
+    assert [len(line.get_xdata()) for line in ax_acc.lines] == [2, 2, 2, 2]  # two evals: a curve each
+
+
+def test_tensorboard_reads_the_event_files(tmp_path):
+    """Read back by TensorBoard's own reader (the one behind its Scalars dashboard)."""
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+    from tensorboard.util import tensor_util
+
+    from fastvit_jax.training.metrics import MetricWriter
+
+    writer = MetricWriter(str(tmp_path))
+    writer.write(1, "train", {"loss": 2.5, "lr": 1e-4})
+    writer.write(2, "train", {"loss": 2.0, "lr": 2e-4})
+    writer.close()
+    events = plugin_event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr"} <= set(events.PluginTagToContent("scalars"))
+    loss = [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events.Tensors("train/loss")]
+    assert loss == [(1, 2.5), (2, 2.0)]
+
+
+def test_compilation_cache_dir_resolution(monkeypatch):
+    from fastvit_jax.training.compile_cache import resolve_cache_dir
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert resolve_cache_dir(None) == os.path.expanduser("~/.cache/fastvit_jax/jax")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/tmp/jc")
+    assert resolve_cache_dir(None) == "/tmp/jc"
+    assert resolve_cache_dir("/x/y") == "/x/y" and resolve_cache_dir("none") is None
+
+
+def test_post_compilation_barrier_waits_for_the_slower_process(tmp_path):
+    """Two real processes (jax.distributed on localhost): process 0 passes the barrier only
+    after process 1, still 'compiling' for 3 s, has reached it (it leaves a file just before)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    marker = tmp_path / "process1_reached_the_barrier"
+    script = tmp_path / "barrier.py"
+    script.write_text(
+        "import pathlib, sys, time\n"
+        "import jax\n"
+        "pid = int(sys.argv[1])\n"
+        f"jax.distributed.initialize(coordinator_address='localhost:{port}', num_processes=2, process_id=pid)\n"
+        "from fastvit_jax.training.compile_cache import wait_for_all_processes\n"
+        f"marker = pathlib.Path({str(marker)!r})\n"
+        "if pid == 1:\n"
+        "    time.sleep(3)\n"
+        "    marker.write_text('here')\n"
+        "wait_for_all_processes('compiled')\n"
+        "print('marker seen after the barrier:', marker.exists())\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    procs = [subprocess.Popen([sys.executable, str(script), str(pid)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for pid in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert outs[0][0].strip() == "marker seen after the barrier: True"

@@ -1,19 +1,27 @@
 """Sharded FastViT trainer (jit + NamedSharding over a device mesh).
 
 Modules (flat, small, pure where possible):
-  config      TrainConfig (Apple's recipe per variant + overrides), workdir config check
-  mesh        create_mesh('data:-1,fsdp:4'), batch/param shardings, maybe_initialize_distributed
-  optimizer   timm-style warm-up + cosine schedule, weight-decay mask (kernel, gamma), AdamW
-  mixup       timm Mixup/CutMix (batch mode, per-batch switch, corrected lambda)
-  losses      soft-target cross-entropy, masked top-1/top-5 sums
-  ema         EMA of params and batch_stats
-  state       TrainState pytree
-  checkpoint  orbax CheckpointManager wrapper (async, keep-N, sharded restore)
-  metrics     metrics.jsonl, TensorBoard scalars, curves.png
-  trainer     train_and_evaluate(config), evaluate_checkpoint(config)
+  config         TrainConfig, get_config(variant, **overrides) (Apple's recipe), workdir config check
+  flags          command-line flags generated from the TrainConfig fields
+  plan           steps per epoch, schedule length, warm-up (scaled for short runs), peak lr
+  setup          dataset facts, device mesh, compute dtype
+  mesh           create_mesh('data:-1,fsdp:4'), batch/param shardings, maybe_initialize_distributed
+  optimizer      timm-style warm-up + cosine schedule, weight-decay mask (kernel, gamma), AdamW
+  mixup          timm Mixup/CutMix (batch mode, per-batch switch, corrected lambda)
+  losses         soft-target cross-entropy, masked top-1/top-5 sums
+  ema            EMA of params and batch_stats
+  state          TrainState pytree, fresh variables
+  steps          the train step and the eval step
+  checkpoint     orbax CheckpointManager wrapper (async, keep-N, sharded restore, eval-only partial restore)
+  compile_cache  the persistent compilation cache, the post-compilation barrier
+  preemption     SIGTERM as a flag the loop polls
+  pretrained     load_weights_file (--init_from / --eval_only), merge_pretrained, export_fused
+  evaluate       run_eval, evaluate_checkpoint (--eval_only)
+  metrics        metrics.jsonl, TensorBoard scalars, curves.png
+  trainer        train_and_evaluate(config, model_fn=...) -> TrainResult
 
 The trainer modules import JAX, so they are imported on use:
 ``from fastvit_jax.training.trainer import train_and_evaluate``.
 """
 
-from fastvit_jax.training.config import TrainConfig  # noqa: F401  (pure Python)
+from fastvit_jax.training.config import TrainConfig, get_config  # noqa: F401  (pure Python)

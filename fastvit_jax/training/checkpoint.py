@@ -9,8 +9,11 @@ import jax
 import orbax.checkpoint as ocp
 
 
+CHECKPOINTS_DIRNAME = "checkpoints"
+
+
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+    return os.path.abspath(os.path.join(workdir, CHECKPOINTS_DIRNAME))
 
 
 class Checkpointer:
@@ -27,9 +30,6 @@ class Checkpointer:
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
-
-    def all_steps(self):
-        return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, *, force: bool = True) -> bool:
         if step in self.manager.all_steps():
@@ -55,3 +55,26 @@ def abstract_with_shardings(shape_tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape_tree, shardings
     )
+
+
+EVAL_FIELDS = ("params", "batch_stats", "ema_params", "ema_batch_stats")
+
+
+def restore_eval_variables(workdir: str, abstract_variables: Any) -> Any:
+    """Only ``EVAL_FIELDS`` of the latest TrainState in ``<workdir>/checkpoints`` (orbax partial restore).
+
+    ``abstract_variables``: {field: pytree of jax.ShapeDtypeStruct with shardings} for the
+    fields in EVAL_FIELDS. The optimizer state is not read, so no optimizer is needed.
+    Raises FileNotFoundError when the workdir has no checkpoint.
+    """
+    directory = checkpoint_dir(workdir)
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step()
+    if step is None:
+        manager.close()
+        raise FileNotFoundError(f"no checkpoint found under {directory}")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_variables)
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+        item=abstract_variables, restore_args=restore_args, partial_restore=True))
+    manager.close()
+    return restored

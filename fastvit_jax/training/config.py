@@ -1,9 +1,15 @@
-"""TrainConfig: one flat dataclass holding every knob of a training run.
+"""TrainConfig and ``get_config``: Apple's FastViT recipe, written once.
 
-Defaults come from Apple's recipe for the chosen variant (``variants.recipe_for``);
-every field can be overridden (``TrainConfig.from_recipe(variant, **overrides)``).
-The config is stored as ``config.json`` in the workdir; a restart with a config that
-differs in a field that changes the run (``RESUME_FIELDS``) is refused.
+The recipe lives in the field defaults of ``TrainConfig`` (what every variant shares)
+and in ``VARIANT_RECIPE`` (the two values that differ per variant). ``get_config(variant,
+**overrides)`` applies both and returns the full config; the command line, ``config.json``
+and the README use the same field names. Each field's help text is in its metadata, so
+``train_tpu.py --help`` is generated from here (``fastvit_jax/training/flags.py``).
+
+A workdir remembers its config (``config.json``). A restart may change only the fields in
+``RUN_LENGTH_FIELDS`` (to extend or shorten a run) and ``BOOKKEEPING_FIELDS`` (where
+and how often things are written); every other field, including any field added later,
+must match, or the restart is refused with the differing fields named.
 """
 
 from __future__ import annotations
@@ -13,227 +19,241 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
-from fastvit_jax.variants import canonical_name, get_variant, recipe_for
+from fastvit_jax.variants import VARIANTS, canonical_name, get_variant
 
 CONFIG_FILENAME = "config.json"
 
-# Fields that must be identical for a workdir to be resumed: changing any of them would
-# silently change the model, the data order or the optimisation of the restored run.
-RESUME_FIELDS: Tuple[str, ...] = (
-    "variant",
-    "dataset",
-    "num_classes",
-    "image_size",
-    "global_batch_size",
-    "seed",
-    "lr",
-    "num_epochs",
-    "num_steps",
-    "warmup_epochs",
-    "warmup_steps",
-    "cooldown_epochs",
-    "warmup_lr",
-    "min_lr",
-    "weight_decay",
-    "label_smoothing",
-    "mixup",
-    "cutmix",
-    "mixup_switch_prob",
-    "drop_path",
-    "ema_decay",
-    "randaugment",
-    "reprob",
-    "color_jitter",
-    "rrc_scale",
-    "hflip",
-    "clip_grad",
+# Apple's README commands: drop path and mixup are the two recipe values set per variant.
+VARIANT_RECIPE: Dict[str, Dict[str, float]] = {
+    "t8": {"drop_path": 0.0, "mixup": 0.2},
+    "t12": {"drop_path": 0.0, "mixup": 0.2},
+    "s12": {"drop_path": 0.0, "mixup": 0.2},
+    "sa12": {"drop_path": 0.1, "mixup": 0.2},
+    "sa24": {"drop_path": 0.1, "mixup": 0.2},
+    "sa36": {"drop_path": 0.2, "mixup": 0.2},
+    "ma36": {"drop_path": 0.35, "mixup": 0.8},
+}
+
+# The recipe's warm-up (used when neither warmup_epochs nor warmup_steps is given) and
+# the largest share of a short schedule it may take before it is scaled down.
+RECIPE_WARMUP_EPOCHS = 5.0
+MAX_WARMUP_FRACTION = 0.1
+
+# Fields a restart may change: the run's length ...
+RUN_LENGTH_FIELDS: Tuple[str, ...] = ("num_epochs", "num_steps", "cooldown_epochs")
+# ... and where / how often things are written, how the work is laid out on devices.
+BOOKKEEPING_FIELDS: Tuple[str, ...] = (
+    "data_dir", "workdir", "mesh", "fsdp_min_size", "checkpoint_every", "keep_checkpoints", "eval_every",
+    "eval_batch_size", "log_every", "init_from", "eval_only", "export", "plot", "progress",
+    "compilation_cache_dir",
 )
 
 
 class ConfigMismatchError(ValueError):
-    """The workdir was created by a run with a different configuration."""
+    """The workdir was created by a run whose model, data or optimisation differs."""
+
+
+def _per_variant(field_name: str) -> str:
+    return ", ".join(f"{v} {VARIANT_RECIPE[v][field_name]}" for v in VARIANTS)
+
+
+def option(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002  (argparse's word)
+    """A dataclass field whose help text travels with it (to ``--help`` and the docs)."""
+    return dataclasses.field(default=default, metadata={"help": help, **extra})
 
 
 @dataclasses.dataclass
 class TrainConfig:
+    """Every knob of a training run; the defaults are Apple's recipe (see ``get_config``)."""
+
     # What to train, on what.
-    variant: str = "t8"
-    dataset: str = "imagenet2012"
-    data_dir: Optional[str] = None
-    workdir: str = "workdir"
-    num_classes: Optional[int] = None  # None: from the dataset
-    image_size: int = 256
-    crop_pct: Optional[float] = None  # eval centre crop; None: the variant's
-    dtype: str = "auto"  # 'auto': bfloat16 on TPU/GPU, float32 on CPU
-    # Length. num_epochs defines the cosine schedule; num_steps (if set) stops early /
-    # defines the schedule when num_epochs is None.
-    num_epochs: Optional[float] = 300.0
-    num_steps: Optional[int] = None
-    global_batch_size: int = 1024
-    # Optimiser (AdamW) and schedule; lr is the peak lr at batch `base_batch_size`,
-    # scaled linearly by global_batch_size / base_batch_size.
-    lr: float = 1e-3
-    base_batch_size: int = 1024
-    weight_decay: float = 0.05
-    warmup_epochs: float = 5.0
-    warmup_steps: Optional[int] = None  # overrides warmup_epochs when set
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    cooldown_epochs: float = 0.0  # timm adds these at min_lr after the cosine (Apple: 10)
-    clip_grad: Optional[float] = None
+    variant: str = option("t8", f"FastViT variant: {' '.join(VARIANTS)}")
+    dataset: str = option("imagenet2012", "tfds image-classification dataset, or 'demo' for the embedded "
+                                          "10-class offline dataset")
+    data_dir: Optional[str] = option(None, "tfds data_dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    workdir: str = option("workdir", "checkpoints, config.json, metrics.jsonl, tensorboard/, curves.png, export/")
+    num_classes: Optional[int] = option(None, "classifier size (default: the dataset's class count)")
+    image_size: int = option(256, "train/eval resolution")
+    crop_pct: Optional[float] = option(None, "eval centre-crop fraction (default: the variant's, 0.9 or 0.95)")
+    dtype: str = option("auto", "compute dtype; auto = bfloat16 on TPU/GPU, float32 on CPU (params stay float32)",
+                        choices=("auto", "float32", "bfloat16", "float16"))
+    # Length.
+    num_epochs: Optional[float] = option(300.0, "epochs of the cosine schedule; 'none' to let --num_steps set it")
+    num_steps: Optional[int] = option(None, "stop after this many steps; without --num_epochs it also sets "
+                                            "the schedule length")
+    cooldown_epochs: float = option(0.0, "extra epochs at min_lr after the cosine (Apple's timm run used 10)")
+    global_batch_size: int = option(1024, "images per step over all devices")
+    # Optimiser (AdamW) and schedule.
+    lr: Optional[float] = option(None, "absolute peak learning rate (default: lr_base * global_batch_size / "
+                                       "lr_base_size)")
+    lr_base: float = option(1e-3, "peak learning rate at lr_base_size images per step, used when --lr is not "
+                                  "given")
+    lr_base_size: int = option(1024, "the batch size lr_base refers to (linear scaling)")
+    weight_decay: float = option(0.05, "AdamW decoupled decay on kernels and layer scales")
+    warmup_epochs: Optional[float] = option(
+        None, f"linear warm-up in epochs (default: the recipe's {RECIPE_WARMUP_EPOCHS:g}, scaled down to at most "
+              f"{MAX_WARMUP_FRACTION:.0%} of a shorter schedule)")
+    warmup_steps: Optional[int] = option(None, "linear warm-up in steps (takes precedence over --warmup_epochs)")
+    warmup_lr: float = option(1e-6, "learning rate at step 0")
+    min_lr: float = option(1e-5, "learning rate at the end of the cosine")
+    clip_grad: Optional[float] = option(None, "global-norm gradient clipping (default off)")
     # Regularisation.
-    label_smoothing: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_switch_prob: float = 0.5
-    drop_path: float = 0.0
-    ema_decay: float = 0.9995
-    # Data augmentation (TrainAugment).
-    randaugment: Optional[str] = "rand-m9-mstd0.5-inc1"
-    reprob: float = 0.25
-    color_jitter: float = 0.4
-    rrc_scale: Tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
+    label_smoothing: float = option(0.1, "label smoothing of the targets")
+    mixup: float = option(0.2, f"mixup alpha, 0 disables (per variant: {_per_variant('mixup')})")
+    cutmix: float = option(1.0, "cutmix alpha, 0 disables")
+    mixup_switch_prob: float = option(0.5, "probability of cutmix when both mixup and cutmix are on")
+    drop_path: float = option(0.0, f"stochastic depth rate (per variant: {_per_variant('drop_path')})")
+    ema_decay: float = option(0.9995, "EMA decay of params and BatchNorm statistics")
+    # Data augmentation.
+    randaugment: str = option("rand-m9-mstd0.5-inc1", "timm RandAugment spec; '' or 'none' disables")
+    reprob: float = option(0.25, "random-erasing probability")
+    color_jitter: float = option(0.4, "colour jitter, used only without RandAugment")
+    rrc_scale: Tuple[float, float] = option((0.08, 1.0), "random-resized-crop area range (MIN MAX)")
+    hflip: float = option(0.5, "horizontal-flip probability")
     # Parallelism.
-    mesh: str = "data:-1"
-    fsdp_min_size: int = 2**18  # tensors with fewer elements stay replicated
-    # Cadence / bookkeeping.
-    seed: int = 0
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    eval_every: int = 0  # 0: evaluate only at the end
-    eval_batch_size: Optional[int] = None  # None: global_batch_size
-    log_every: int = 50
-    init_from: Optional[str] = None
-    eval_only: bool = False
-    export: bool = True
-    plot: bool = True
-    progress: bool = True
+    mesh: str = option("data:-1", "device mesh: 'data:-1' (data parallel) or 'data:-1,fsdp:4' (large "
+                                  "parameters sharded over 4 devices)")
+    fsdp_min_size: int = option(2**18, "tensors with fewer elements stay replicated under fsdp")
+    # Cadence and bookkeeping.
+    seed: int = option(0, "seed of init, data order and augmentation")
+    checkpoint_every: int = option(1000, "steps between checkpoints (and one at the end)")
+    keep_checkpoints: int = option(3, "checkpoints kept")
+    eval_every: Optional[int] = option(None, "steps between evaluations (default: every epoch, or every tenth of "
+                                             "a run shorter than 10 epochs); 0 = only at the end")
+    eval_batch_size: Optional[int] = option(None, "eval batch over all devices (default: --global_batch_size)")
+    log_every: int = option(50, "steps between metric records")
+    init_from: Optional[str] = option(None, "fine-tune from a .safetensors file (new head if num_classes "
+                                            "differs); with --eval_only also a fused export or a workdir")
+    compilation_cache_dir: Optional[str] = option(
+        None, "JAX persistent compilation cache, so restarts and --eval_only reuse the compiled step "
+              "(default $JAX_COMPILATION_CACHE_DIR or ~/.cache/fastvit_jax/jax; 'none' disables)")
+    eval_only: bool = option(False, "only evaluate --init_from (or the workdir's latest checkpoint)", flag=False)
+    export: bool = option(True, "write the fused export of the final EMA weights", flag=False)
+    plot: bool = option(True, "write curves.png", flag=False)
+    progress: bool = option(True, "show a tqdm progress bar", flag=False)
 
-    # ----------------------------------------------------------------------------------
-    @classmethod
-    def from_recipe(cls, variant: str, **overrides: Any) -> "TrainConfig":
-        """Apple's recipe for ``variant`` with ``overrides`` applied (None is applied too:
-        ``num_epochs=None`` means the schedule follows ``num_steps``)."""
-        name = canonical_name(variant)
-        r = recipe_for(name)
-        cfg = cls(
-            variant=name,
-            num_epochs=float(r.epochs),
-            lr=r.base_lr,
-            base_batch_size=r.base_batch_size,
-            weight_decay=r.weight_decay,
-            warmup_epochs=float(r.warmup_epochs),
-            warmup_lr=r.warmup_lr,
-            min_lr=r.min_lr,
-            label_smoothing=r.label_smoothing,
-            mixup=r.mixup_alpha,
-            cutmix=r.cutmix_alpha,
-            mixup_switch_prob=r.mixup_switch_prob,
-            drop_path=r.drop_path_rate,
-            ema_decay=r.ema_decay,
-            randaugment=r.randaugment,
-            reprob=r.random_erase_prob,
-            color_jitter=r.color_jitter,
-            rrc_scale=tuple(r.rrc_scale),
-            image_size=r.image_size,
-        )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        updates = dict(overrides)
-        if "variant" in updates:
-            updates["variant"] = canonical_name(updates["variant"])
-        if updates.get("rrc_scale") is not None:
-            updates["rrc_scale"] = tuple(updates["rrc_scale"])
-        return dataclasses.replace(cfg, **updates)
-
-    def replace(self, **kw: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **kw)
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
 
     @property
     def peak_lr(self) -> float:
-        return self.lr * self.global_batch_size / self.base_batch_size
+        """--lr when given, else lr_base scaled linearly by global_batch_size / lr_base_size."""
+        if self.lr is not None:
+            return self.lr
+        return self.lr_base * self.global_batch_size / self.lr_base_size
 
     @property
     def eval_crop_pct(self) -> float:
         return self.crop_pct if self.crop_pct is not None else get_variant(self.variant).crop_pct
 
     def validate(self) -> None:
+        """Raises ValueError naming the field and what would be valid."""
         get_variant(self.variant)
         if self.num_epochs is None and self.num_steps is None:
-            raise ValueError("set num_epochs or num_steps")
-        if self.global_batch_size <= 0:
-            raise ValueError(f"global_batch_size must be positive, got {self.global_batch_size}")
-        if self.checkpoint_every <= 0:
-            raise ValueError("checkpoint_every must be positive")
+            raise ValueError("set --num_epochs or --num_steps")
+        for name in ("global_batch_size", "checkpoint_every", "log_every", "lr_base_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         if self.eval_only and not self.init_from and not _has_checkpoints(self.workdir):
-            raise ValueError("--eval_only needs --init_from PATH (or a workdir with checkpoints)")
+            raise ValueError("--eval_only needs --init_from PATH (or a --workdir with checkpoints)")
 
-    # ----------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["rrc_scale"] = list(self.rrc_scale)
-        return d
+        fields = dataclasses.asdict(self)
+        fields["rrc_scale"] = list(self.rrc_scale)
+        return fields
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        if "rrc_scale" in kw and kw["rrc_scale"] is not None:
-            kw["rrc_scale"] = tuple(kw["rrc_scale"])
-        return cls(**kw)
+    def from_dict(cls, fields: Dict[str, Any]) -> "TrainConfig":
+        known = field_names()
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {unknown}")
+        fields = dict(fields)
+        if fields.get("rrc_scale") is not None:
+            fields["rrc_scale"] = tuple(fields["rrc_scale"])
+        return cls(**fields)
 
     @classmethod
-    def from_json(cls, s: str) -> "TrainConfig":
-        return cls.from_dict(json.loads(s))
+    def from_json(cls, text: str) -> "TrainConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def field_names() -> set:
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def get_config(variant: str = "t8", **overrides: Any) -> TrainConfig:
+    """Apple's recipe for ``variant`` with ``overrides`` applied.
+
+    ``overrides`` are TrainConfig fields; None is applied too (``num_epochs=None`` lets
+    ``num_steps`` set the schedule length). Raises ValueError for an unknown variant or field.
+    """
+    name = canonical_name(variant)
+    fields = {"variant": name, **VARIANT_RECIPE[name], **overrides}
+    if fields.get("randaugment") is None or str(fields["randaugment"]).lower() in ("none", "off"):
+        fields["randaugment"] = ""
+    return TrainConfig.from_dict(fields)
 
 
 def _has_checkpoints(workdir: Optional[str]) -> bool:
     if not workdir:
         return False
-    d = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
+def _same(saved: Any, current: Any) -> bool:
+    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)):
+        return list(saved) == list(current)
+    numbers = (int, float)
+    if isinstance(saved, numbers) and isinstance(current, numbers) and not isinstance(saved, bool):
+        return float(saved) == float(current)
+    return saved == current
 
 
 def config_differences(saved: Dict[str, Any], current: TrainConfig) -> Dict[str, Tuple[Any, Any]]:
-    """{field: (saved, current)} over RESUME_FIELDS that differ."""
-    cur = current.to_dict()
-    diffs = {}
-    for k in RESUME_FIELDS:
-        a, b = saved.get(k), cur.get(k)
-        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-            a, b = list(a), list(b)
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-            if float(a) == float(b):
-                continue
-        if a != b:
-            diffs[k] = (saved.get(k), cur.get(k))
-    return diffs
+    """{field: (saved, current)} for every field whose values differ."""
+    now = current.to_dict()
+    return {k: (saved.get(k), now[k]) for k in now if not _same(saved.get(k), now[k])}
 
 
-def check_or_write_workdir_config(workdir: str, config: TrainConfig, *, write: bool = True) -> None:
-    """Stores config.json in a new workdir, or refuses a workdir made by another config."""
+def read_workdir_config(workdir: str) -> Optional[Dict[str, Any]]:
+    """The workdir's config.json as a dict, or None for a new workdir."""
     path = os.path.join(workdir, CONFIG_FILENAME)
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        diffs = config_differences(saved, config)
-        if diffs:
-            lines = "\n".join(f"  {k}: workdir has {a!r}, this run has {b!r}" for k, (a, b) in diffs.items())
-            raise ConfigMismatchError(
-                f"workdir {workdir!r} was created by a different training configuration "
-                f"(see {path}):\n{lines}\n"
-                "Use a new --workdir, or rerun with the workdir's settings to resume it."
-            )
-        return
-    if write:
-        os.makedirs(workdir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(config.to_json())
-        os.replace(tmp, path)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_workdir_config(workdir: str, config: TrainConfig) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CONFIG_FILENAME)
+    with open(path + ".tmp", "w") as f:
+        f.write(config.to_json())
+    os.replace(path + ".tmp", path)
+
+
+def check_workdir_config(workdir: str, config: TrainConfig) -> Dict[str, Tuple[Any, Any]]:
+    """Refuses a workdir made by another model, data or optimisation; returns run-length changes.
+
+    Returns {field: (saved, current)} over RUN_LENGTH_FIELDS (empty for a new workdir).
+    Raises ConfigMismatchError listing every other field that differs.
+    """
+    saved = read_workdir_config(workdir)
+    if saved is None:
+        return {}
+    diffs = config_differences(saved, config)
+    refused = {k: v for k, v in diffs.items() if k not in RUN_LENGTH_FIELDS + BOOKKEEPING_FIELDS}
+    if refused:
+        lines = "\n".join(f"  {k}: workdir has {a!r}, this run has {b!r}" for k, (a, b) in refused.items())
+        raise ConfigMismatchError(
+            f"workdir {workdir!r} was created by a different training configuration "
+            f"(see {os.path.join(workdir, CONFIG_FILENAME)}):\n{lines}\n"
+            f"Use a new --workdir, or rerun with the workdir's settings to resume it "
+            f"(only {', '.join(RUN_LENGTH_FIELDS)} may change, to extend or shorten the run)."
+        )
+    return {k: v for k, v in diffs.items() if k in RUN_LENGTH_FIELDS}

@@ -17,8 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")  # every axis the batch is split over, in this order
-KNOWN_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes there are; the batch is split over all of them, in this order
 
 
 def parse_mesh_spec(spec: str, num_devices: int) -> List[Tuple[str, int]]:
@@ -29,8 +28,8 @@ def parse_mesh_spec(spec: str, num_devices: int) -> List[Tuple[str, int]]:
             raise ValueError(f"bad mesh axis {part!r} in {spec!r}; expected NAME:SIZE, e.g. 'data:-1,fsdp:4'")
         name, size = part.split(":", 1)
         name = name.strip()
-        if name not in KNOWN_AXES:
-            raise ValueError(f"unknown mesh axis {name!r} in {spec!r}; known axes: {', '.join(KNOWN_AXES)}")
+        if name not in BATCH_AXES:
+            raise ValueError(f"unknown mesh axis {name!r} in {spec!r}; known axes: {', '.join(BATCH_AXES)}")
         if name in [a for a, _ in axes]:
             raise ValueError(f"mesh axis {name!r} repeated in {spec!r}")
         try:
@@ -153,7 +152,3 @@ def maybe_initialize_distributed(env=os.environ) -> bool:
     jax.distributed.initialize(**kwargs)
     return True
 
-
-def make_global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
-    """Per-process numpy batch -> global jax.Array sharded by ``sharding``."""
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

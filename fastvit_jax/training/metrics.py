@@ -1,20 +1,16 @@
-"""Human-readable outputs: metrics.jsonl, TensorBoard summaries, a PNG of the curves."""
+"""Human-readable outputs: metrics.jsonl, TensorBoard scalars, a PNG of the curves.
+
+View the TensorBoard scalars with ``tensorboard --logdir <workdir>/tensorboard``.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 METRICS_FILENAME = "metrics.jsonl"
-
-
-def _scalar_metadata():
-    from tensorflow.core.framework import summary_pb2
-
-    md = summary_pb2.SummaryMetadata()
-    md.plugin_data.plugin_name = "scalars"
-    return md
+TENSORBOARD_DIRNAME = "tensorboard"  # view with: tensorboard --logdir <workdir>/tensorboard
 
 
 class MetricWriter:
@@ -27,12 +23,9 @@ class MetricWriter:
         if enabled:
             os.makedirs(workdir, exist_ok=True)
             if tensorboard:
-                try:
-                    import tensorflow as tf
+                import tensorflow as tf
 
-                    self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-                except Exception:  # pragma: no cover - TensorBoard is optional
-                    self._tb = None
+                self._tb = tf.summary.create_file_writer(os.path.join(workdir, TENSORBOARD_DIRNAME))
 
     def write(self, step: int, kind: str, scalars: Dict[str, float]) -> None:
         if not self.enabled:
@@ -45,10 +38,7 @@ class MetricWriter:
 
             with self._tb.as_default():
                 for k, v in scalars.items():
-                    # tf.summary.scalar needs the tensorboard package; the core op with the
-                    # scalars-plugin metadata writes the same event TensorBoard reads.
-                    tf.summary.write(f"{kind}/{k}", tf.constant(float(v), tf.float32), step=int(step),
-                                     metadata=_scalar_metadata())
+                    tf.summary.scalar(f"{kind}/{k}", float(v), step=int(step))
             self._tb.flush()
 
     def close(self) -> None:
@@ -66,47 +56,51 @@ def read_metrics(workdir_or_path: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _last_per_step(records: List[dict], kind: str, key: str) -> Tuple[List[int], List[float]]:
+    """(steps, values) of ``key`` in records of ``kind``; a resumed run's re-logged step keeps its last value."""
+    by_step = {r["step"]: r[key] for r in records if r["kind"] == kind and key in r}
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
 def plot_curves(workdir: str, out_path: Optional[str] = None) -> Optional[str]:
-    """Training loss and eval accuracy vs step -> PNG. Returns the path (None if no data)."""
-    recs = read_metrics(workdir)
-    if not recs:
+    """Loss, validation accuracy and learning rate against the step, one shared x axis -> PNG.
+
+    Returns the path, or None when there is nothing to plot. Evaluations are drawn as
+    lines with markers, so several form a curve.
+    """
+    records = read_metrics(workdir)
+    if not records:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = {}
-    for r in recs:  # a resumed run may re-log steps: keep the last record per step
-        if r["kind"] == "train" and "loss" in r:
-            train[r["step"]] = r["loss"]
-    evals = [r for r in recs if r["kind"] == "eval"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
-    if train:
-        steps = sorted(train)
-        ax.plot(steps, [train[s] for s in steps], label="train loss")
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(3, 1, sharex=True, figsize=(8, 9))
+    steps, losses = _last_per_step(records, "train", "loss")
+    if steps:
+        ax_loss.plot(steps, losses, label="train loss")
     for prefix, style in (("", "-o"), ("ema_", "--s")):
-        pts = [(r["step"], r[f"{prefix}loss"]) for r in evals if f"{prefix}loss" in r]
-        if pts:
-            ax.plot(*zip(*pts), style, label=f"val loss ({'EMA' if prefix else 'raw'})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    ax = axes[1]
-    for prefix, style in (("", "-o"), ("ema_", "--s")):
+        which = "EMA" if prefix else "raw"
+        steps, losses = _last_per_step(records, "eval", f"{prefix}loss")
+        if steps:
+            ax_loss.plot(steps, losses, style, label=f"val loss ({which})")
         for k in ("top1", "top5"):
-            pts = [(r["step"], 100 * r[f"{prefix}{k}"]) for r in evals if f"{prefix}{k}" in r]
-            if pts:
-                ax.plot(*zip(*pts), style, label=f"val {k} ({'EMA' if prefix else 'raw'})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("validation accuracy")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend()
+            steps, accs = _last_per_step(records, "eval", f"{prefix}{k}")
+            if steps:
+                ax_acc.plot(steps, [100 * a for a in accs], style, label=f"val {k} ({which})")
+    steps, rates = _last_per_step(records, "train", "lr")
+    if steps:
+        ax_lr.plot(steps, rates, label="learning rate (mean over each log interval)")
+    for ax, title, ylabel in ((ax_loss, "loss", "loss"), (ax_acc, "validation accuracy", "accuracy (%)"),
+                              (ax_lr, "learning rate", "lr")):
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    ax_lr.set_xlabel("step")
     fig.tight_layout()
     out_path = out_path or os.path.join(workdir, "curves.png")
     fig.savefig(out_path, dpi=100)

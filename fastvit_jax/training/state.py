@@ -1,10 +1,11 @@
-"""TrainState pytree and its (sharded) initialisation."""
+"""TrainState pytree, fresh variables of a model, and a state built from variables."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,6 +26,13 @@ class TrainState:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
+def init_variables(model: nn.Module, image_size: int, rng: Optional[jax.Array] = None) -> dict:
+    """{'params', 'batch_stats'} of ``model`` for (1, image_size, image_size, 3) input."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    variables = model.init({"params": rng}, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
 def create_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
@@ -36,21 +44,3 @@ def create_state(variables: dict, tx: optax.GradientTransformation) -> TrainStat
         ema_params=jax.tree.map(jnp.copy, params),
         ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
     )
-
-
-def make_init_fn(
-    model,
-    tx: optax.GradientTransformation,
-    image_size: int,
-    init_variables: Optional[Callable[[dict], dict]] = None,
-) -> Callable[[jax.Array], TrainState]:
-    """rng -> TrainState. ``init_variables`` may transform the fresh variables (fine-tuning)."""
-
-    def init(rng):
-        variables = model.init({"params": rng}, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
-        variables = flax.core.unfreeze(variables) if isinstance(variables, flax.core.FrozenDict) else dict(variables)
-        if init_variables is not None:
-            variables = init_variables(variables)
-        return create_state(variables, tx)
-
-    return init

@@ -1,0 +1,45 @@
+"""What a run needs before the model: the dataset's facts, the device mesh, the compute dtype."""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from fastvit_jax.training import mesh as mesh_lib
+from fastvit_jax.training.config import TrainConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(name: str) -> Any:
+    """'auto' -> bfloat16 on TPU/GPU, float32 on CPU; else the named dtype."""
+    if name in (None, "", "auto"):
+        return jnp.bfloat16 if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else jnp.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def setup_run(config: TrainConfig) -> Tuple[TrainConfig, Any, Mesh]:
+    """(config with num_classes filled in, tfds dataset info, mesh).
+
+    Raises DatasetNotFoundError for a dataset that is not prepared, ValueError when
+    --num_classes disagrees with the dataset or the batch does not split over the devices.
+    """
+    from fastvit_jax.data.pipeline import dataset_info
+
+    info = dataset_info(config.dataset, config.data_dir)
+    if config.num_classes and config.num_classes != info.num_classes:
+        raise ValueError(f"--num_classes {config.num_classes} but dataset {config.dataset!r} has {info.num_classes}")
+    config = config.replace(num_classes=int(info.num_classes))
+    mesh = mesh_lib.create_mesh(config.mesh)
+    divisor = mesh_lib.batch_size_divisor(mesh)
+    if config.global_batch_size % divisor or config.global_batch_size % jax.process_count():
+        raise ValueError(
+            f"--global_batch_size {config.global_batch_size} is not divisible by the {divisor} devices of the "
+            f"batch axes of mesh {dict(mesh.shape)} (and {jax.process_count()} processes)"
+        )
+    return config, info, mesh
