@@ -4,7 +4,8 @@
     python -m benchmarks.run --full      # all variants, batches 1/8/32, more repeats (long on a CPU)
 
 Sections: params/GMACs (XLA cost analysis, 'native' lowering), inference (JAX vs torch_ref,
-fused and unfused), per-block profile, training step, input pipeline. The same command runs
+fused and unfused), per-block profile, training step, input pipeline, deploy runtimes (JAX,
+ONNX Runtime, LiteRT, PyTorch on the fused model). The same command runs
 on a GPU/TPU host (JAX bfloat16, torch CUDA autocast; MFU from the jaxpr's conv+dot count and
 ``--peak_tflops`` or the table in ``benchmarks.common``).
 
@@ -29,7 +30,7 @@ FULL = dict(variants=["t8", "t12", "s12", "sa12", "sa24", "sa36", "ma36"], batch
             repeats=20, train_repeats=8, train_variants=["t8", "sa12"], profile_variants=["t8", "sa12"],
             flops_variants=None)
 ALL_VARIANTS = ["t8", "t12", "s12", "sa12", "sa24", "sa36", "ma36"]
-SECTIONS = ("flops", "inference", "profile", "train", "pipeline")
+SECTIONS = ("flops", "inference", "profile", "train", "pipeline", "deploy")
 
 
 def parse_args(argv=None):
@@ -57,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--pipeline_threads", nargs="+", type=int, default=[1, 0],
                    help="tf.data thread counts to time (0 = all cores)")
     p.add_argument("--no_experiments", action="store_true", help="skip the extra JAX configurations")
+    p.add_argument("--deploy_batch_sizes", nargs="+", type=int, default=[1, 8],
+                   help="batches of the deploy-runtime latency table (JAX, ONNX Runtime, LiteRT, PyTorch)")
     p.add_argument("--lowering", choices=["native", "shift"], default=None,
                    help="force the JAX conv lowering (default: per backend, 'shift' on CPU)")
     return p.parse_args(argv)
@@ -117,12 +120,17 @@ def run(args) -> dict:
             cfg["image_size"], batch=args.pipeline_batch, chunks=args.pipeline_chunks,
             batches_per_chunk=4 if args.pipeline_chunks > 1 else 1,
             thread_counts=[t or None for t in args.pipeline_threads], data_dir=args.data_dir, train_img_s=train_rates))
+    if "deploy" in sections:
+        from benchmarks import deploy
+
+        section("deploy", lambda: deploy.run_deploy(cfg["variants"], args.deploy_batch_sizes, cfg["image_size"],
+                                                    cfg["repeats"]))
     report["section_wall_s"] = timing
     return report
 
 
 def to_markdown(report: dict) -> str:
-    from benchmarks import flops, inference, input_pipeline, profile, train_step
+    from benchmarks import deploy, flops, inference, input_pipeline, profile, train_step
 
     m = report["machine"]
     lines = [f"### FastViT benchmarks ({report['mode']}, {m['date']})", "",
@@ -135,6 +143,7 @@ def to_markdown(report: dict) -> str:
               ("train", "Training step (fwd + bwd + AdamW, BN in train mode)", train_step),
               ("profile", "Per-block profile (fused forward)", profile),
               ("pipeline", "Input pipeline (train preprocessing)", input_pipeline),
+              ("deploy", "Deploy runtimes (fused model, CPU latency)", deploy),
               ("flops", "Params / GMACs", flops)]
     for key, title, mod in render:
         if key in secs:

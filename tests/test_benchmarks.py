@@ -26,7 +26,7 @@ def report(tmp_path_factory):
             "--repeats", "1", "--flops_variants", "t8", "--profile_variants", "t8", "--profile_batch", "1",
             "--pipeline_batch", "2", "--pipeline_chunks", "1", "--pipeline_threads", "1", "--out", str(out),
             # 'native' compiles the train step ~3x faster than the CPU default 'shift' (speed is not tested here)
-            "--lowering", "native",
+            "--lowering", "native", "--deploy_batch_sizes", "2",
             "--data_dir", str(tmp / "tfds")]
     rep = run.main(args)
     return rep, json.loads(out.read_text()), run.to_markdown(rep)
@@ -38,9 +38,19 @@ def test_report_json_structure(report):
     m = js["machine"]
     for key in ("cpu_model", "cpu_cores", "jax", "torch", "flax", "date", "xla_cpu_threads", "torch_threads"):
         assert key in m, key
-    assert set(js["sections"]) == {"flops", "inference", "profile", "train", "pipeline"}
+    assert set(js["sections"]) == {"flops", "inference", "profile", "train", "pipeline", "deploy"}
     for sec in js["sections"].values():
         assert "load_average" in sec and "wall_s" in sec
+
+
+def test_deploy_runtimes_agree_with_jax(report):
+    _, js, md = report
+    (row,) = js["sections"]["deploy"]["rows"]
+    assert (row["variant"], row["batch"], row["image_size"]) == ("t8", 2, 64)
+    assert set(row["deviation_from_jax"]) == {"jax", "onnxruntime", "litert", "torch_nchw", "torch_cl"}
+    assert max(row["deviation_from_jax"].values()) <= 1e-4
+    assert all(row[f"{r}_ms"] > 0 for r in ("jax", "onnxruntime", "litert", "torch"))
+    assert "| t8 | 2 |" in md and "Deploy runtimes" in md
 
 
 def test_inference_rows(report):

@@ -166,6 +166,27 @@ def test_fused_export_matches_train_form(full_run, data_dir, tmp_path):
     assert fastvit_jax.reparameterize(fused)["params"].keys() == fused["params"].keys()  # already fused
 
 
+def test_trainer_export_loads_with_its_data_config(full_run, data_dir):
+    """load_model on the trainer's export: fused t8 with the run's data config, and the EMA eval's accuracy."""
+    import fastvit_jax
+    from fastvit_jax.data.pipeline import make_eval_dataset
+
+    _, res = full_run
+    model, variables = fastvit_jax.load_model(res["export_path"])
+    cfg = model.pretrained_cfg
+    assert (model.cfg.name, model.inference_mode, model.num_classes) == ("t8", True, 1000)
+    assert (cfg.image_size, cfg.crop_pct) == (32, 0.9)
+    correct5 = total = 0
+    for batch in make_eval_dataset("imagenet2012", data_dir, batch_size=8, image_size=cfg.image_size,
+                                   crop_pct=cfg.crop_pct).as_numpy_iterator():
+        logits = np.asarray(model.apply(variables, batch["image"]))
+        top5 = np.argsort(-logits, axis=-1)[:, :5]
+        keep = batch["mask"] > 0
+        correct5 += int((top5 == batch["label"][:, None]).any(-1)[keep].sum())
+        total += int(keep.sum())
+    assert correct5 / total == pytest.approx(res["eval"]["ema_top5"], abs=1e-6)
+
+
 def test_kill_and_resume_reproduces_losses(runs):
     ref, res = runs["full"], runs["resumed"]
     assert runs["ckpts_after_crash"] == [5]  # crashed at 7: the step-5 checkpoint survives
