@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     maybe_initialize_distributed()
 
     from fastvit_jax.data.pipeline import DatasetNotFoundError
+    from fastvit_jax.training.checkpoint import CheckpointError
     from fastvit_jax.training.config import ConfigMismatchError
     from fastvit_jax.training.evaluate import evaluate_checkpoint
     from fastvit_jax.training.trainer import NonFiniteLossError, train_and_evaluate
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     except DatasetNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ConfigMismatchError, ValueError, FileNotFoundError) as e:
+    except (ConfigMismatchError, CheckpointError, ValueError, FileNotFoundError) as e:
         if os.environ.get("FASTVIT_DEBUG"):
             raise
         print(f"error: {e}\n(set FASTVIT_DEBUG=1 for the traceback)", file=sys.stderr)

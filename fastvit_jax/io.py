@@ -153,6 +153,23 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], Any], *, ov
     return path
 
 
+def check_writable_dir(path: str | os.PathLike, what: str = "directory") -> str:
+    """Creates ``path`` if needed and proves a file can be written there; ``WriteError`` naming the cause if not."""
+    path = os.path.abspath(os.fspath(path))
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        reason = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
+                  errno.ENOTDIR: "a file is in the way"}.get(e.errno, e.strerror or str(e))
+        raise WriteError(f"cannot write to the {what} {path!r}: {reason}") from e
+    return path
+
+
 def save_variables(path: str | os.PathLike, variables: Mapping[str, Any], *, model: Any = None,
                    metadata: Optional[Mapping[str, Any]] = None, overwrite: bool = True,
                    inputs: Sequence[str | os.PathLike] = ()) -> str:

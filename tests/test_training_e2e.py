@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,8 +116,9 @@ def runs(data_dir, tmp_path_factory):
                 pass
             ckpts = sorted(int(n) for n in os.listdir(d / "resume" / "checkpoints") if n.isdigit())
             resumed = trainer.train_and_evaluate(cfg)
+            logged = [r["step"] for r in read_metrics(str(d / "resume")) if r["kind"] == "train"]
             path.write_text(json.dumps({"full": _summary(full), "resumed": _summary(resumed),
-                                        "ckpts_after_crash": ckpts}))
+                                        "ckpts_after_crash": ckpts, "resume_logged_steps": logged}))
         out = json.loads(path.read_text())
     for k in ("full", "resumed"):
         out[k]["losses"] = {int(s): v for s, v in out[k]["losses"].items()}
@@ -195,6 +197,8 @@ def test_kill_and_resume_reproduces_losses(runs):
     for s in range(6, STEPS + 1):
         assert res["losses"][s] == pytest.approx(ref["losses"][s], rel=1e-5, abs=1e-5), s
     assert res["eval"]["ema_loss"] == pytest.approx(ref["eval"]["ema_loss"], rel=1e-5)
+    # steps 6 and 7 were logged before the crash and again after the resume from 5: each appears once
+    assert runs["resume_logged_steps"] == list(range(1, STEPS + 1))
 
 
 # ---------------------------------------------------------------------------- tiny-model tests
@@ -227,6 +231,27 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     assert e.value.step == 3 and e.value.last_checkpoint == 2
     assert "step 3" in str(e.value)
     assert sorted(int(n) for n in os.listdir(tmp_path / "wd" / "checkpoints") if n.isdigit()) == [2]
+
+
+def test_bad_flags_are_refused_before_the_workdir_is_touched(data_dir, tmp_path):
+    for bad, message in ((dict(num_steps=-5), "--num_steps must be positive, got -5"),
+                         (dict(image_size=50), "--image_size must be a multiple of 16 and at least 32, got 50"),
+                         (dict(init_from=str(tmp_path / "missing.safetensors")), "does not exist")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            trainer.train_and_evaluate(_config(data_dir, tmp_path / "wd", **bad), model_fn=create_tiny_model)
+        assert not (tmp_path / "wd").exists()
+
+
+def test_a_failed_first_attempt_does_not_lock_the_workdir(data_dir, tmp_path):
+    def crash_at_1(step, metrics):
+        raise _Crash()
+
+    cfg = _config(data_dir, tmp_path / "wd", num_steps=2, checkpoint_every=100, export=False, plot=False)
+    with pytest.raises(_Crash):
+        trainer.train_and_evaluate(cfg, model_fn=create_tiny_model, step_callback=crash_at_1)
+    assert not (tmp_path / "wd" / "config.json").exists()
+    res = trainer.train_and_evaluate(cfg.replace(lr=1e-3, seed=3), model_fn=create_tiny_model)  # not refused
+    assert res.final_step == 2 and json.load(open(tmp_path / "wd" / "config.json"))["seed"] == 3
 
 
 def test_changed_model_or_data_field_is_refused(data_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import math
 import os
 
@@ -288,12 +289,64 @@ def test_checkpoint_roundtrip_sharded(tmp_path, tiny_variables):
     c = Checkpointer(str(tmp_path), max_to_keep=2)
     c.save(5, state)
     c.wait()
-    restored = c.restore(abstract_with_shardings(abstract, shardings))
+    restored, step = c.restore(abstract_with_shardings(abstract, shardings))
     c.close()
-    assert int(restored.step) == 5
+    assert int(restored.step) == 5 == step
     assert restored.params["mix"]["kernel"].sharding.spec == P(None, None, "fsdp", None)
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _two_checkpoints(tmp_path, tiny_variables):
+    mesh = mesh_lib.create_mesh("data:-1")
+    tx = make_optimizer(lr_schedule(1e-3, total_steps=10), weight_decay=0.05)
+    abstract = jax.eval_shape(lambda v: create_state(v, tx), tiny_variables)
+    shardings = mesh_lib.state_shardings(mesh, abstract, fsdp_min_size=256)
+    state = jax.jit(lambda v: create_state(v, tx), out_shardings=shardings)(tiny_variables)
+    c = Checkpointer(str(tmp_path), max_to_keep=3)
+    for step in (3, 6):
+        c.save(step, state.replace(step=state.step + step))
+        c.wait()
+    c.close()
+    return abstract_with_shardings(abstract, shardings)
+
+
+def _damage(step_dir, how: str) -> None:
+    files = [os.path.join(root, name) for root, _, names in os.walk(step_dir) for name in names]
+    if how == "truncated data":
+        for path in files:
+            if os.path.getsize(path) > 64 and "METADATA" not in os.path.basename(path):
+                with open(path, "r+b") as f:
+                    f.truncate(16)
+    else:
+        for path in files:
+            if os.path.basename(path) == "_METADATA":
+                os.remove(path)
+
+
+@pytest.mark.parametrize("how", ["truncated data", "no _METADATA"])
+def test_corrupt_newest_checkpoint_is_moved_aside(tmp_path, tiny_variables, caplog, how):
+    abstract = _two_checkpoints(tmp_path, tiny_variables)
+    _damage(tmp_path / "checkpoints" / "6", how)
+    c = Checkpointer(str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="fastvit_jax.training"):
+        restored, step = c.restore(abstract)
+    c.close()
+    assert step == 3 and int(restored.step) == 3
+    aside = [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith("6.corrupt-")]
+    assert len(aside) == 1 and "checkpoint step 6 is unreadable" in caplog.text and aside[0] in caplog.text
+
+
+def test_no_readable_checkpoint_names_every_step(tmp_path, tiny_variables):
+    from fastvit_jax.training.checkpoint import CheckpointError, restore_eval_variables
+
+    abstract = _two_checkpoints(tmp_path, tiny_variables)
+    for step in ("3", "6"):
+        _damage(tmp_path / "checkpoints" / step, "truncated data")
+    eval_abstract = {k: getattr(abstract, k) for k in ("params", "batch_stats", "ema_params", "ema_batch_stats")}
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint .*tried step 6: .*; step 3: "):
+        restore_eval_variables(str(tmp_path), eval_abstract)
+    assert sorted(n.split(".")[0] for n in os.listdir(tmp_path / "checkpoints") if ".corrupt-" in n) == ["3", "6"]
 
 
 def test_merge_pretrained_new_head_and_mismatch(tiny_variables):

@@ -151,9 +151,17 @@ class TrainConfig:
         get_variant(self.variant)
         if self.num_epochs is None and self.num_steps is None:
             raise ValueError("set --num_epochs or --num_steps")
-        for name in ("global_batch_size", "checkpoint_every", "log_every", "lr_base_size"):
+        for name in ("global_batch_size", "checkpoint_every", "log_every", "lr_base_size", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("num_steps", "num_epochs"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.image_size < 32 or self.image_size % IMAGE_SIZE_MULTIPLE:
+            raise ValueError(f"--image_size must be a multiple of {IMAGE_SIZE_MULTIPLE} and at least 32, got "
+                             f"{self.image_size} (e.g. {max(32, round(self.image_size / 16) * 16)})")
+        if self.init_from and not os.path.exists(self.init_from):
+            raise ValueError(f"--init_from {self.init_from!r} does not exist")
         if self.eval_only and not self.init_from and not _has_checkpoints(self.workdir):
             raise ValueError("--eval_only needs --init_from PATH (or a --workdir with checkpoints)")
 
@@ -179,6 +187,12 @@ class TrainConfig:
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
         return cls.from_dict(json.loads(text))
+
+
+# Input sides the trainer accepts: FastViT halves the resolution five times (stem 2x2, then
+# stages 2-4); multiples of 16 from 32 up keep every map at least 2x2 with integer halvings to
+# stride 16 (the demo trains at 48 px).
+IMAGE_SIZE_MULTIPLE = 16
 
 
 def field_names() -> set:

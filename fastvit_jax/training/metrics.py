@@ -41,6 +41,23 @@ class MetricWriter:
                     tf.summary.scalar(f"{kind}/{k}", float(v), step=int(step))
             self._tb.flush()
 
+    def truncate_after(self, step: int) -> int:
+        """Drops metrics.jsonl records after ``step`` (a resume from that checkpoint logs them again).
+
+        Returns how many were dropped. TensorBoard does the same for its event files when it
+        sees a step go back (its default ``--purge_orphaned_data``).
+        """
+        if not self.enabled or not os.path.exists(self.path):
+            return 0
+        records = read_metrics(self.path)
+        kept = [r for r in records if r["step"] <= step]
+        if len(kept) < len(records):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, self.path)
+        return len(records) - len(kept)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

@@ -126,5 +126,6 @@ def export_fused(workdir: str, variables: Dict[str, Any], config: TrainConfig, s
         model = fastvit_jax.create_model(config.variant, num_classes=config.num_classes, inference_mode=True,
                                          pretrained_cfg=data_config)
         metadata = {"step": step, "dataset": config.dataset, "weights": "ema", **(extra_metadata or {})}
-        fastvit_jax.save_variables(path, fused, model=model, metadata=metadata)
+        fastvit_jax.save_variables(path, fused, model=model, metadata=metadata,
+                                   inputs=[config.init_from] if config.init_from else ())
     return path

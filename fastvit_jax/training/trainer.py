@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 import fastvit_jax
+from fastvit_jax.io import check_writable_dir
 from fastvit_jax.training import checkpoint as ckpt_lib
 from fastvit_jax.training import mesh as mesh_lib
 from fastvit_jax.training.compile_cache import count_cache_hits, enable_compilation_cache, wait_for_all_processes
@@ -92,13 +93,12 @@ def _log_plan(plan: Plan, length_changes: Dict[str, Tuple[Any, Any]]) -> None:
 def _initial_state(config: TrainConfig, model: nn.Module, tx, shardings: Any, abstract_state: TrainState,
                    checkpointer: ckpt_lib.Checkpointer, init_rng: jax.Array) -> Tuple[TrainState, Optional[int]]:
     """(state, resumed_from): the workdir's latest checkpoint, else --init_from merged, else fresh."""
-    latest = checkpointer.latest_step()
-    if latest is not None:
+    if checkpointer.latest_step() is not None:
         if config.init_from:
             log.info("--init_from ignored: resuming from the workdir's checkpoint")
-        state = checkpointer.restore(ckpt_lib.abstract_with_shardings(abstract_state, shardings), latest)
-        log.info("resumed from %s step %d", checkpointer.directory, latest)
-        return state, int(latest)
+        state, step = checkpointer.restore(ckpt_lib.abstract_with_shardings(abstract_state, shardings))
+        log.info("resumed from %s step %d", checkpointer.directory, step)
+        return state, step
     if config.init_from:
         fresh = jax.device_get(jax.jit(lambda rng: init_variables(model, config.image_size, rng))(init_rng))
         merged, notes = merge_pretrained(fresh, load_weights_file(config.init_from))
@@ -216,9 +216,9 @@ def train_and_evaluate(config: TrainConfig, *, model_fn: Callable[..., nn.Module
     log.info("persistent compilation cache: %s", cache_dir or "off")
     config, info, mesh = setup_run(config)
     is_main = jax.process_index() == 0
-    length_changes = check_workdir_config(config.workdir, config)
     if is_main:
-        write_workdir_config(config.workdir, config)
+        check_writable_dir(config.workdir, "--workdir")
+    length_changes = check_workdir_config(config.workdir, config)  # config.json is written with the first checkpoint
     plan = make_plan(config, info.num_train)
     _log_plan(plan, length_changes)
 
@@ -259,12 +259,16 @@ def train_and_evaluate(config: TrainConfig, *, model_fn: Callable[..., nn.Module
 
     # ---- Loop.
     writer = MetricWriter(config.workdir, enabled=is_main)
+    if resumed_from is not None and writer.truncate_after(resumed_from):
+        log.info("metrics.jsonl: dropped the records after step %d (they are logged again)", resumed_from)
     progress_bar = _progress_bar(config, plan, start_step)
     train_log = TrainLog(writer, plan, config.global_batch_size, progress_bar)
     train_log.last_checkpoint = resumed_from
 
     def save(step: int) -> None:
         train_log.flush(step)  # never save a state whose loss was not checked
+        if is_main:  # binds the workdir to this config once it holds a checkpoint, not before
+            write_workdir_config(config.workdir, config)
         if checkpointer.save(step, state):
             train_log.last_checkpoint = step
 
