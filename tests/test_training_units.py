@@ -279,17 +279,23 @@ def test_maybe_initialize_distributed_single_host_is_noop():
 
 
 # ---------------------------------------------------------------------------- checkpoint / init_from
-def test_checkpoint_roundtrip_sharded(tmp_path, tiny_variables):
-    mesh = mesh_lib.create_mesh("data:-1,fsdp:4")
+def _sharded_state(mesh_spec: str, tiny_variables):
+    """(state, abstract state with shardings) of the tiny model on ``mesh_spec``."""
+    mesh = mesh_lib.create_mesh(mesh_spec)
     tx = make_optimizer(lr_schedule(1e-3, total_steps=10), weight_decay=0.05)
     abstract = jax.eval_shape(lambda v: create_state(v, tx), tiny_variables)
     shardings = mesh_lib.state_shardings(mesh, abstract, fsdp_min_size=256)
     state = jax.jit(lambda v: create_state(v, tx), out_shardings=shardings)(tiny_variables)
+    return state, abstract_with_shardings(abstract, shardings)
+
+
+def test_checkpoint_roundtrip_sharded(tmp_path, tiny_variables):
+    state, abstract = _sharded_state("data:-1,fsdp:4", tiny_variables)
     state = state.replace(step=state.step + 5)
     c = Checkpointer(str(tmp_path), max_to_keep=2)
     c.save(5, state)
     c.wait()
-    restored, step = c.restore(abstract_with_shardings(abstract, shardings))
+    restored, step = c.restore(abstract)
     c.close()
     assert int(restored.step) == 5 == step
     assert restored.params["mix"]["kernel"].sharding.spec == P(None, None, "fsdp", None)
@@ -298,17 +304,13 @@ def test_checkpoint_roundtrip_sharded(tmp_path, tiny_variables):
 
 
 def _two_checkpoints(tmp_path, tiny_variables):
-    mesh = mesh_lib.create_mesh("data:-1")
-    tx = make_optimizer(lr_schedule(1e-3, total_steps=10), weight_decay=0.05)
-    abstract = jax.eval_shape(lambda v: create_state(v, tx), tiny_variables)
-    shardings = mesh_lib.state_shardings(mesh, abstract, fsdp_min_size=256)
-    state = jax.jit(lambda v: create_state(v, tx), out_shardings=shardings)(tiny_variables)
+    state, abstract = _sharded_state("data:-1", tiny_variables)
     c = Checkpointer(str(tmp_path), max_to_keep=3)
     for step in (3, 6):
         c.save(step, state.replace(step=state.step + step))
         c.wait()
     c.close()
-    return abstract_with_shardings(abstract, shardings)
+    return abstract
 
 
 def _damage(step_dir, how: str) -> None:
