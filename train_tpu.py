@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("run")
-    g.add_argument("--variant", default="t8", help="FastViT variant: t8 t12 s12 sa12 sa24 sa36 ma36 (default t8)")
+    g.add_argument("--variant", default="t8",
+                   help="FastViT variant: t8 t12 s12 sa12 sa24 sa36 ma36, MobileCLIP towers mci0 ... mci4 (default t8)")
     g.add_argument("--dataset", default="imagenet2012",
                    help="tfds image-classification dataset name, or 'demo' for the embedded 10-class "
                         "offline dataset (default imagenet2012)")
