@@ -1,4 +1,5 @@
-"""Params / GMACs of the seven variants: XLA cost analysis beside Apple's code and the paper.
+"""Params / GMACs of the variants: XLA cost analysis beside Apple's code (timm's counts for the
+MobileCLIP towers mci0 ... mci4) and the paper. Models are built with 1000 classes, as the reference counts.
 
 GMACs = ``jax.jit(apply).lower(...).compile().cost_analysis()['flops'] / 2`` for one 256x256
 image, with the 'native' conv lowering (the 'shift' lowering turns depthwise convs into
@@ -9,7 +10,7 @@ figure is an upper bound of the official one. The "conv+dot" column counts only 
 multiply-accumulates of ``conv_general_dilated`` / ``dot_general`` in the jaxpr (no compile). Params: leaves of the Flax ``params`` collection
 (BatchNorm running statistics excluded, as in PyTorch's ``parameters()``).
 
-    python -m benchmarks.flops --variants t8 t12 s12 sa12 sa24 sa36 ma36
+    python -m benchmarks.flops --variants t8 t12 s12 sa12 sa24 sa36 ma36 mci0 mci1 mci2 mci3 mci4
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def count_variant(variant: str, image_size: int = 256, forms: Sequence[str] = ("
                            "flops_per_image": {}, "count_s": {}}
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     for form in forms:
-        model = fastvit_jax.create_model(variant, inference_mode=form == "fused", lowering=lowering)
+        model = fastvit_jax.create_model(variant, num_classes=1000, inference_mode=form == "fused", lowering=lowering)
         shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
         out["params"][form] = common.param_count(shapes["params"])
         t0 = time.perf_counter()
@@ -88,21 +89,31 @@ def count_variant(variant: str, image_size: int = 256, forms: Sequence[str] = ("
 
 def run_flops(variants: Sequence[str] = ("t8", "t12", "s12", "sa12", "sa24", "sa36", "ma36"),
               image_size: int = 256) -> Dict[str, Any]:
-    from fastvit_jax.variants import OFFICIAL_GMACS, OFFICIAL_PARAM_COUNTS, PAPER_NUMBERS
+    from fastvit_jax.variants import (
+        MOBILECLIP_GMACS,
+        OFFICIAL_GMACS,
+        OFFICIAL_PARAM_COUNTS,
+        PAPER_NUMBERS,
+        TIMM_MOBILECLIP_PARAM_COUNTS,
+    )
 
+    reference_params = {**OFFICIAL_PARAM_COUNTS, **TIMM_MOBILECLIP_PARAM_COUNTS}
+    reference_gmacs = {**OFFICIAL_GMACS, **MOBILECLIP_GMACS}
+    no_paper = (float("nan"),) * 3  # the MobileCLIP paper reports CLIP results, not ImageNet-1k classifiers
     rows: List[Dict[str, Any]] = []
     for v in variants:
         common.log(f"[flops] {v}")
         c = count_variant(v, image_size)
+        official_params, official_gmacs, paper = reference_params[v], reference_gmacs[v], PAPER_NUMBERS.get(v, no_paper)
         rows.append({
             "variant": v, "image_size": image_size,
             "params_unfused": c["params"]["unfused"], "params_fused": c["params"]["fused"],
-            "official_params_unfused": OFFICIAL_PARAM_COUNTS[v][0], "official_params_fused": OFFICIAL_PARAM_COUNTS[v][1],
-            "paper_params_m": PAPER_NUMBERS[v][0],
+            "official_params_unfused": official_params[0], "official_params_fused": official_params[1],
+            "paper_params_m": paper[0],
             "xla_gmacs_unfused": c["gmacs"]["unfused"], "xla_gmacs_fused": c["gmacs"]["fused"],
             "conv_dot_gmacs_unfused": c["conv_dot_gmacs"]["unfused"], "conv_dot_gmacs_fused": c["conv_dot_gmacs"]["fused"],
-            "official_gmacs_unfused": OFFICIAL_GMACS[v][0], "official_gmacs_fused": OFFICIAL_GMACS[v][1],
-            "paper_gmacs": PAPER_NUMBERS[v][1], "paper_top1": PAPER_NUMBERS[v][2],
+            "official_gmacs_unfused": official_gmacs[0], "official_gmacs_fused": official_gmacs[1],
+            "paper_gmacs": paper[1], "paper_top1": paper[2],
             "flops_per_image_unfused": c["flops_per_image"]["unfused"],
             "flops_per_image_fused": c["flops_per_image"]["fused"],
         })
@@ -123,6 +134,10 @@ def flops_lookup(result: Optional[Dict[str, Any]]) -> Dict:
     return out
 
 
+def _one_decimal(x: float) -> str:
+    return "–" if x != x else f"{x:.1f}"  # NaN: no paper number (MobileCLIP towers)
+
+
 def markdown(result: Dict[str, Any]) -> str:
     rows = []
     for r in result["rows"]:
@@ -132,11 +147,11 @@ def markdown(result: Dict[str, Any]) -> str:
             f"{r['official_params_unfused'] / 1e6:.3f} / {r['official_params_fused'] / 1e6:.3f}",
             "✓" if (r["params_unfused"], r["params_fused"]) == (r["official_params_unfused"],
                                                                   r["official_params_fused"]) else "✗",
-            f"{r['paper_params_m']:.1f}",
+            _one_decimal(r["paper_params_m"]),
             f"{r['xla_gmacs_unfused']:.3f} / {r['xla_gmacs_fused']:.3f}",
             f"{r['conv_dot_gmacs_unfused']:.3f} / {r['conv_dot_gmacs_fused']:.3f}",
             f"{r['official_gmacs_unfused']:.3f} / {r['official_gmacs_fused']:.3f}",
-            f"{r['paper_gmacs']:.1f}", f"{r['paper_top1']:.1f}",
+            _one_decimal(r["paper_gmacs"]), _one_decimal(r["paper_top1"]),
         ])
     head = ["variant", "params M (ours: train / fused)", "official code", "exact", "paper M",
             f"GMACs XLA cost analysis @{result['settings']['image_size']} (train / fused)",
@@ -148,7 +163,9 @@ def markdown(result: Dict[str, Any]) -> str:
 def main(argv=None):
     common.prepare_process()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["t8", "t12", "s12", "sa12", "sa24", "sa36", "ma36"])
+    from fastvit_jax.variants import ALL_VARIANTS
+
+    p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS))
     p.add_argument("--image_size", type=int, default=256)
     args = p.parse_args(argv)
     print(markdown(run_flops(args.variants, args.image_size)))

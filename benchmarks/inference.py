@@ -73,7 +73,9 @@ def build_jax_forward(variant: str, variables: Dict[str, Any], *, fused: bool, b
     from fastvit_jax import layers
 
     dtype = dtype or common.jax_compute_dtype()
-    model = fastvit_jax.create_model(variant, inference_mode=fused, dtype=dtype, lowering=lowering)
+    num_classes = variables["params"]["head"]["fc"]["bias"].shape[0]  # the head of the weights (1000 here)
+    model = fastvit_jax.create_model(variant, num_classes=num_classes, inference_mode=fused, dtype=dtype,
+                                     lowering=lowering)
     x = jnp.asarray(np.random.RandomState(1).randn(batch, image_size, image_size, 3).astype(np.float32))
     if batch % chains:
         raise ValueError(f"batch {batch} is not divisible into {chains} chains")

@@ -55,7 +55,8 @@ def profile_variant(variant: str, batch: int = 8, image_size: int = 256, repeats
     tm = torch_ref.reparameterize_model(common.torch_model(variant))
     variables = common.flax_variables_from_torch(tm)
     tm = tm.to(device)
-    model = fastvit_jax.create_model(variant, inference_mode=True, lowering=lowering, dtype=common.jax_compute_dtype())
+    model = fastvit_jax.create_model(variant, num_classes=variables["params"]["head"]["fc"]["bias"].shape[0],
+                                     inference_mode=True, lowering=lowering, dtype=common.jax_compute_dtype())
     xnp = np.random.RandomState(1).randn(batch, image_size, image_size, 3).astype(np.float32)
     xj = jnp.asarray(xnp)
     x_nchw = torch.from_numpy(xnp.transpose(0, 3, 1, 2).copy()).to(device)

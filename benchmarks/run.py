@@ -1,7 +1,8 @@
 """Run the benchmark suite, write JSON under benchmarks/results/, print a Markdown report.
 
     python -m benchmarks.run --quick     # `make bench`: t8 + sa12, batch 8, 256 px (a few minutes on 2 cores)
-    python -m benchmarks.run --full      # all variants, batches 1/8/32, more repeats (long on a CPU)
+    python -m benchmarks.run --full      # all twelve variants (MobileCLIP towers included), batches 1/8/32,
+                                         # more repeats (long on a CPU)
 
 Sections: params/GMACs (XLA cost analysis, 'native' lowering), inference (JAX vs torch_ref,
 fused and unfused), per-block profile, training step, input pipeline, deploy runtimes (JAX,
@@ -23,13 +24,15 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks import common  # noqa: E402
+from fastvit_jax.variants import ALL_VARIANTS, VARIANTS  # noqa: E402  (pure Python)
 
+# --quick keeps the params/GMACs table to the seven base variants (compiling mci3/mci4 at 256 px
+# for XLA's cost analysis takes minutes on a CPU); --full has all twelve, MobileCLIP towers included.
 QUICK = dict(variants=["t8", "sa12"], batch_sizes=[8], image_size=256, repeats=10, train_repeats=5,
-             train_variants=["t8"], profile_variants=["t8", "sa12"], flops_variants=None)
-FULL = dict(variants=["t8", "t12", "s12", "sa12", "sa24", "sa36", "ma36"], batch_sizes=[1, 8, 32], image_size=256,
-            repeats=20, train_repeats=8, train_variants=["t8", "sa12"], profile_variants=["t8", "sa12"],
+             train_variants=["t8"], profile_variants=["t8", "sa12"], flops_variants=list(VARIANTS))
+FULL = dict(variants=list(ALL_VARIANTS), batch_sizes=[1, 8, 32], image_size=256,
+            repeats=20, train_repeats=8, train_variants=["t8", "sa12", "mci0"], profile_variants=["t8", "sa12"],
             flops_variants=None)
-ALL_VARIANTS = ["t8", "t12", "s12", "sa12", "sa24", "sa36", "ma36"]
 SECTIONS = ("flops", "inference", "profile", "train", "pipeline", "deploy")
 
 
@@ -50,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--peak_tflops", type=float, default=None, help="accelerator peak for MFU (all devices)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<mode>-<utc time>.json)")
     p.add_argument("--data_dir", default=None, help="tfds dir for the demo data (input pipeline)")
-    p.add_argument("--flops_variants", nargs="+", default=None, help="params/GMACs table rows (default: all seven)")
+    p.add_argument("--flops_variants", nargs="+", default=None,
+                   help="params/GMACs table rows (default: the base seven with --quick, all twelve with --full)")
     p.add_argument("--profile_variants", nargs="+", default=None)
     p.add_argument("--profile_batch", type=int, default=8)
     p.add_argument("--pipeline_batch", type=int, default=32)
@@ -90,7 +94,7 @@ def run(args) -> dict:
     from benchmarks import flops as flops_mod
 
     if "flops" in sections:
-        section("flops", lambda: flops_mod.run_flops(cfg["flops_variants"] or ALL_VARIANTS, cfg["image_size"]))
+        section("flops", lambda: flops_mod.run_flops(cfg["flops_variants"] or list(ALL_VARIANTS), cfg["image_size"]))
     gflops = flops_mod.flops_lookup(report["sections"].get("flops"))
     if "inference" in sections:
         from benchmarks import inference

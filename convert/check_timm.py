@@ -2,12 +2,16 @@
 """Check this project against an installed timm: timm's FastViT state_dicts load into torch_ref
 as they are, and convert to Flax variables that give timm's logits.
 
-  python -m convert.check_timm [--variants t8 ... ma36] [--image_size 128] [--out report.json]
+  python -m convert.check_timm [--variants t8 ... ma36 mci0 ... mci4] [--image_size 128] [--out report.json]
 
 timm is not a dependency of the project (it does not install beside the pinned CPU torch); run
 this where timm is installed. Nothing is downloaded: the models are timm's own random inits, made
 non-trivial (layer scales drawn in [0.2, 0.6], random BN affines, BN statistics calibrated by
 train-mode passes) through torch_ref, whose state_dict then goes back into timm.
+
+Every variant by default: the seven base models and the MobileCLIP towers ``fastvit_mci0`` ...
+``fastvit_mci4`` (built here with 1000 classes; ``--image_size`` must be divisible by 64 for the
+five-stage mci3/mci4).
 
 Per variant, all in float32 on the CPU (NCHW for torch, NHWC for JAX):
   1. timm's state_dict keys and shapes == torch_ref's (train form); ``load_state_dict(strict=True)``
@@ -132,7 +136,9 @@ def run(variants: Sequence[str], image_size: int = 128) -> Dict[str, Any]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=["t8", "t12", "s12", "sa12", "sa24", "sa36", "ma36"])
+    from fastvit_jax.variants import ALL_VARIANTS
+
+    p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS))
     p.add_argument("--image_size", type=int, default=128)
     p.add_argument("--out", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)

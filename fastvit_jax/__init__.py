@@ -1,10 +1,20 @@
-"""fastvit_jax: FastViT (Vasu et al., ICCV 2023) in JAX/Flax linen.
+"""fastvit_jax: FastViT (Vasu et al., ICCV 2023) and the MobileCLIP image towers in JAX/Flax linen.
+
+``VARIANTS``: the seven ImageNet models (t8 ... ma36); ``MOBILECLIP_VARIANTS``: the MobileCLIP
+towers (mci0 ... mci4); ``ALL_VARIANTS``: both.
 
 The public names are loaded lazily so that ``fastvit_jax.variants`` (pure Python)
 can be imported without JAX, e.g. by ``torch_ref``.
 """
 
-from fastvit_jax.variants import VARIANTS, PretrainedCfg, get_variant, pretrained_cfg  # noqa: F401  (pure Python)
+from fastvit_jax.variants import (  # noqa: F401  (pure Python)
+    ALL_VARIANTS,
+    MOBILECLIP_VARIANTS,
+    VARIANTS,
+    PretrainedCfg,
+    get_variant,
+    pretrained_cfg,
+)
 
 _LAZY = {
     "create_model": "fastvit_jax.model",
@@ -17,7 +27,7 @@ _LAZY = {
     "eval_transform": "fastvit_jax.transforms",
 }
 
-__all__ = ["VARIANTS", "PretrainedCfg", "get_variant", "pretrained_cfg", *_LAZY]
+__all__ = ["VARIANTS", "MOBILECLIP_VARIANTS", "ALL_VARIANTS", "PretrainedCfg", "get_variant", "pretrained_cfg", *_LAZY]
 
 
 def __getattr__(name):

@@ -182,8 +182,10 @@ def export(checkpoint: str, output: str, *, fmt: Optional[str] = None, image_siz
         raise ExportError("--float16 applies to TFLite exports only")
     model, variables = load_model(checkpoint, inference_mode=True, lowering="native")
     size = model.pretrained_cfg.image_size if image_size is None else int(image_size)
-    if size <= 0 or size % 32:
-        raise ExportError(f"image size {size} is not a positive multiple of 32 (FastViT's total stride)")
+    stride = model.cfg.reduction
+    if size <= 0 or size % stride:
+        raise ExportError(f"image size {size} is not a positive multiple of {stride} (FastViT-{model.cfg.name}'s "
+                          "total stride)")
     if fmt == "onnx":
         write = lambda tmp: write_onnx(tmp, model, variables, size, batch)  # noqa: E731
     else:

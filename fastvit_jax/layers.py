@@ -158,6 +158,27 @@ class SqueezeExcite(nn.Module):
         return x * jax.nn.sigmoid(s)
 
 
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels (the last axis of NHWC), timm's ``LayerNorm2d``: ``scale``, ``bias`` (C,).
+
+    Statistics in float32 whatever ``dtype``, like ``BatchNorm``.
+    """
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.astype(self.dtype)
+
+
 class DropPath(nn.Module):
     """Stochastic depth per sample; uses the 'dropout' rng, identity when not training."""
 
@@ -208,7 +229,13 @@ class MobileOneBlock(nn.Module):
 
 
 class ReparamLargeKernelConv(nn.Module):
-    """Grouped 7x7 conv-BN + grouped 3x3 conv-BN, summed, no activation (spec §2)."""
+    """Grouped 7x7 conv-BN + grouped 3x3 conv-BN, summed, then optional SE and activation.
+
+    Apple's FastViT computed the activation and discarded it, so the base variants build it
+    with ``use_act=False``; the MobileCLIP towers apply it and give the stage 3-4 downsamples
+    a squeeze-excite (rd ratio 1/4, submodule ``se``) before it. ``inference_mode``: one
+    ``reparam_conv`` with bias; SE and activation stay after it.
+    """
 
     in_chs: int
     out_chs: int
@@ -216,6 +243,8 @@ class ReparamLargeKernelConv(nn.Module):
     stride: int
     groups: int
     small_kernel: Optional[int] = 3
+    use_se: bool = False
+    use_act: bool = False
     inference_mode: bool = False
     dtype: Dtype = jnp.float32
     lowering: Optional[str] = None
@@ -224,20 +253,28 @@ class ReparamLargeKernelConv(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv_args = dict(stride=self.stride, groups=self.groups, dtype=self.dtype, lowering=self.lowering)
         if self.inference_mode:
-            return Conv2d(self.out_chs, self.kernel_size, use_bias=True, name="reparam_conv", **conv_args)(x)
-        out = ConvNorm(self.out_chs, self.kernel_size, name="large_conv", **conv_args)(x, train)
-        if self.small_kernel:
-            out = out + ConvNorm(self.out_chs, self.small_kernel, name="small_conv", **conv_args)(x, train)
-        return out
+            out = Conv2d(self.out_chs, self.kernel_size, use_bias=True, name="reparam_conv", **conv_args)(x)
+        else:
+            out = ConvNorm(self.out_chs, self.kernel_size, name="large_conv", **conv_args)(x, train)
+            if self.small_kernel:
+                out = out + ConvNorm(self.out_chs, self.small_kernel, name="small_conv", **conv_args)(x, train)
+        if self.use_se:
+            out = SqueezeExcite(rd_ratio=0.25, dtype=self.dtype, name="se")(out)
+        return gelu(out) if self.use_act else out
 
 
 class PatchEmbed(nn.Module):
-    """Downsampling: ReparamLargeKernelConv (``proj_0``) then a 1x1 MobileOneBlock (``proj_1``)."""
+    """Downsampling: ReparamLargeKernelConv (``proj_0``) then a 1x1 MobileOneBlock (``proj_1``).
+
+    ``use_se`` / ``lkc_use_act``: the large-kernel conv's squeeze-excite and activation.
+    """
 
     patch_size: int
     stride: int
     in_chs: int
     embed_dim: int
+    use_se: bool = False
+    lkc_use_act: bool = False
     inference_mode: bool = False
     dtype: Dtype = jnp.float32
     lowering: Optional[str] = None
@@ -245,8 +282,8 @@ class PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = ReparamLargeKernelConv(self.in_chs, self.embed_dim, self.patch_size, self.stride, groups=self.in_chs,
-                                   inference_mode=self.inference_mode, dtype=self.dtype, lowering=self.lowering,
-                                   name="proj_0")(x, train)
+                                   use_se=self.use_se, use_act=self.lkc_use_act, inference_mode=self.inference_mode,
+                                   dtype=self.dtype, lowering=self.lowering, name="proj_0")(x, train)
         return MobileOneBlock(self.embed_dim, self.embed_dim, 1, 1, inference_mode=self.inference_mode,
                               dtype=self.dtype, lowering=self.lowering, name="proj_1")(x, train)
 
@@ -359,7 +396,10 @@ class RepMixerBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """x = x + DropPath(ls1 * Attention(BN(x))); x = x + DropPath(ls2 * ConvMlp(x))."""
+    """x = x + DropPath(ls1 * Attention(norm(x))); x = x + DropPath(ls2 * ConvMlp(x)).
+
+    ``norm``: 'batchnorm' (base variants, mci0-2) or 'layernorm' (LayerNorm2d, mci3/mci4); neither is fused.
+    """
 
     dim: int
     mlp_ratio: float = 4.0
@@ -367,12 +407,18 @@ class AttentionBlock(nn.Module):
     drop_path: float = 0.0
     layer_scale_init_value: float = 1e-5
     head_dim: int = 32
+    norm: str = "batchnorm"
     dtype: Dtype = jnp.float32
     lowering: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        y = BatchNorm(dtype=self.dtype, name="norm")(x, train)
+        if self.norm == "batchnorm":
+            y = BatchNorm(dtype=self.dtype, name="norm")(x, train)
+        elif self.norm == "layernorm":
+            y = LayerNorm2d(dtype=self.dtype, name="norm")(x)
+        else:
+            raise ValueError(f"unknown attention norm {self.norm!r}; valid: 'batchnorm', 'layernorm'")
         y = Attention(self.dim, self.head_dim, self.dtype, name="token_mixer")(y)
         y = LayerScale2d(self.layer_scale_init_value, self.dtype, name="layer_scale_1")(y)
         x = x + DropPath(self.drop_path, name="drop_path1")(y, train)

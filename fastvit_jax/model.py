@@ -25,7 +25,11 @@ __all__ = ["FastVit", "FastVitStage", "ClassifierHead", "create_model", "drop_pa
 
 
 class FastVitStage(nn.Module):
-    """[PatchEmbed ``downsample``] -> [RepCPE ``pos_emb``] -> ``blocks_0`` ... ``blocks_{depth-1}``."""
+    """[PatchEmbed ``downsample``] -> [RepCPE ``pos_emb``] -> ``blocks_0`` ... ``blocks_{depth-1}``.
+
+    ``se_downsample`` / ``lkc_use_act``: squeeze-excite and activation of the downsample's
+    large-kernel conv; ``attention_norm``: the attention blocks' norm ('batchnorm' / 'layernorm').
+    """
 
     dim: int
     dim_out: int
@@ -39,6 +43,9 @@ class FastVitStage(nn.Module):
     layer_scale_init_value: float
     drop: float = 0.0
     head_dim: int = 32
+    se_downsample: bool = False
+    lkc_use_act: bool = False
+    attention_norm: str = "batchnorm"
     inference_mode: bool = False
     dtype: Dtype = jnp.float32
     lowering: Optional[str] = None
@@ -47,7 +54,8 @@ class FastVitStage(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         common = dict(dtype=self.dtype, lowering=self.lowering)
         if self.downsample:
-            x = PatchEmbed(7, 2, self.dim, self.dim_out, self.inference_mode, name="downsample", **common)(x, train)
+            x = PatchEmbed(7, 2, self.dim, self.dim_out, use_se=self.se_downsample, lkc_use_act=self.lkc_use_act,
+                           inference_mode=self.inference_mode, name="downsample", **common)(x, train)
         if self.pos_emb:
             x = RepConditionalPosEnc(self.dim_out, 7, self.inference_mode, name="pos_emb", **common)(x)
         for i in range(self.depth):
@@ -58,7 +66,8 @@ class FastVitStage(nn.Module):
                                       self.layer_scale_init_value, self.inference_mode, name=f"blocks_{i}", **common)
             elif self.token_mixer == "attention":
                 block = AttentionBlock(self.dim_out, self.mlp_ratio, self.drop, self.drop_path[i],
-                                       self.layer_scale_init_value, self.head_dim, name=f"blocks_{i}", **common)
+                                       self.layer_scale_init_value, self.head_dim, self.attention_norm,
+                                       name=f"blocks_{i}", **common)
             else:
                 raise ValueError(f"unknown token mixer {self.token_mixer!r}; valid: 'repmixer', 'attention'")
             x = block(x, train)
@@ -82,10 +91,11 @@ class ClassifierHead(nn.Module):
 
 
 class FastVit(nn.Module):
-    """FastViT (Vasu et al., ICCV 2023), Apple's architecture with timm's module names.
+    """FastViT (Vasu et al., ICCV 2023), Apple's architecture with timm's module names; also the
+    MobileCLIP image towers (mci0 ... mci4, as timm's ``fastvit_mci*``).
 
-    Input: (B, H, W, 3) NHWC, normalized as ``pretrained_cfg`` says (ImageNet mean/std), H and W
-    divisible by 32. Output: (B, num_classes) logits (float32 even with a bfloat16 ``dtype``).
+    Input: (B, H, W, 3) NHWC, normalized as ``pretrained_cfg`` says, H and W divisible by
+    ``cfg.reduction`` (32; 64 for the five-stage mci3/mci4). Output: (B, num_classes) logits (float32 even with a bfloat16 ``dtype``).
     ``pretrained_cfg`` (set by ``create_model`` / ``load_model``) describes the expected input.
     """
 
@@ -106,18 +116,22 @@ class FastVit(nn.Module):
         ls_init = cfg.layer_scale_init if self.layer_scale_init_value is None else self.layer_scale_init_value
         c0 = cfg.embed_dims[0]
         # Lists assigned in setup are named stem_0.., stages_0.. (torch: stem.0, stages.0).
+        scale = cfg.stem_use_scale_branch
         self.stem = [
-            MobileOneBlock(3, c0, 3, 2, **common),
-            MobileOneBlock(c0, c0, 3, 2, groups=c0, **common),
+            MobileOneBlock(3, c0, 3, 2, use_scale_branch=scale, **common),
+            MobileOneBlock(c0, c0, 3, 2, groups=c0, use_scale_branch=scale, **common),
             MobileOneBlock(c0, c0, 1, 1, **common),
         ]
         dpr = drop_path_rates(cfg.layers, self.drop_path_rate)
+        downsamples = cfg.stage_downsamples()
         stages, prev = [], c0
         for i, (depth, dim) in enumerate(zip(cfg.layers, cfg.embed_dims)):
             stages.append(FastVitStage(
-                prev, dim, depth, cfg.token_mixers[i], downsample=i > 0 or prev != dim, pos_emb=cfg.pos_emb[i],
+                prev, dim, depth, cfg.token_mixers[i], downsample=downsamples[i], pos_emb=cfg.pos_emb[i],
                 mlp_ratio=cfg.mlp_ratio, kernel_size=cfg.repmixer_kernel_size, drop_path=tuple(dpr[i]),
-                layer_scale_init_value=ls_init, drop=self.proj_drop_rate, head_dim=cfg.head_dim, **common))
+                layer_scale_init_value=ls_init, drop=self.proj_drop_rate, head_dim=cfg.head_dim,
+                se_downsample=cfg.se_downsamples[i], lkc_use_act=cfg.lkc_use_act,
+                attention_norm=cfg.attention_norm, **common))
             prev = dim
         self.stages = stages
         self.final_conv = MobileOneBlock(prev, cfg.num_features, 3, 1, groups=prev, use_se=True, **common)
@@ -125,10 +139,10 @@ class FastVit(nn.Module):
 
     def forward_stages(self, x: jax.Array, train: bool = False,
                        out_indices: Optional[Sequence[int]] = None) -> List[jax.Array]:
-        """Stage outputs, NHWC at strides 4, 8, 16, 32 (the last attention stage included).
+        """Stage outputs, NHWC at strides 4, 8, 16, 32 [, 64] (the last attention stage included).
 
         ``out_indices`` picks stages (e.g. ``(1, 3)``; negative counts from the end); default all
-        four. Stages after the last requested one are not computed.
+        of them (four, or five for mci3/mci4). Stages after the last requested one are not computed.
         """
         check_input(x)
         n = len(self.cfg.layers)
@@ -146,7 +160,7 @@ class FastVit(nn.Module):
         return feats
 
     def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """stem -> stages -> final_conv: (B, H/32, W/32, 2*C4)."""
+        """stem -> stages -> final_conv: (B, H/r, W/r, 2*C_last), r = ``cfg.reduction`` (32 or 64)."""
         return self.final_conv(self.forward_stages(x, train)[-1], train)
 
     def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False) -> jax.Array:
@@ -178,11 +192,14 @@ def _stage_index(index: int, num_stages: int) -> int:
     return index % num_stages
 
 
-def create_model(variant: str, *, num_classes: int = 1000, inference_mode: bool = False, drop_path_rate: float = 0.0,
+def create_model(variant: str, *, num_classes: Optional[int] = None, inference_mode: bool = False, drop_path_rate: float = 0.0,
                  dtype: Any = jnp.float32, drop_rate: float = 0.0, lowering: Optional[str] = None,
                  layer_scale_init_value: Optional[float] = None,
                  pretrained_cfg: Optional[PretrainedCfg] = None) -> FastVit:
-    """Build a FastViT variant ('t8' or 'fastvit_t8').
+    """Build a FastViT variant ('t8' or 'fastvit_t8'; MobileCLIP towers 'mci0' ... 'mci4').
+
+    ``num_classes`` defaults to the published head's width, as timm: 1000 for the base
+    variants, the CLIP embedding width (512 for mci0-2, 768 for mci3/mci4) for the towers.
 
     ``inference_mode=True`` builds the fused graph (the tree ``reparameterize`` produces).
     ``dtype`` is the compute dtype (params stay float32). ``lowering`` forces the conv
@@ -192,6 +209,7 @@ def create_model(variant: str, *, num_classes: int = 1000, inference_mode: bool 
     unknown name. To use weights from a file, see ``fastvit_jax.load_model``.
     """
     cfg = get_variant(variant)
+    num_classes = cfg.num_classes if num_classes is None else num_classes
     if pretrained_cfg is None:
         pretrained_cfg = default_pretrained_cfg(cfg.name, num_classes=num_classes)
     return FastVit(cfg, num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate,

@@ -1,11 +1,12 @@
-"""Structural reparameterization on Flax variables (spec §3): train form -> fused form.
+"""Structural reparameterization on Flax variables: train form -> fused form.
 
 The math is a handful of pure functions on arrays (HWIO kernels), each unit-tested;
 ``reparameterize(variables)`` walks a train-form ``{'params', 'batch_stats'}`` tree and
 returns the tree that ``create_model(variant, inference_mode=True).init`` makes. Block
 types are recognised by their submodule names (the same names as torch_ref/timm), so
-the walk needs no variant config. All fusion uses running statistics: the fused model
-equals the train-form model in eval mode.
+the walk needs no variant config; what is not a branch of a fused block (a squeeze-excite
+after the large-kernel conv, the MobileCLIP towers' LayerNorm2d) is kept as it is. All fusion
+uses running statistics: the fused model equals the train-form model in eval mode.
 """
 
 from __future__ import annotations
@@ -180,7 +181,7 @@ def _reparam_node(params: Tree, stats: Tree) -> Tuple[Tree, Tree]:
 
 
 def reparameterize(variables: Mapping[str, Any]) -> Dict[str, Any]:
-    """Fuse a train-form FastViT variables tree into the inference form (spec §3).
+    """Fuse a train-form FastViT variables tree into the inference form.
 
     Args:
       variables: ``{'params': ..., 'batch_stats': ...}`` of ``create_model(v)`` (NHWC, HWIO).

@@ -57,6 +57,13 @@ def batch_norm(x: tf.Tensor, params: Tree, stats: Tree) -> tf.Tensor:
     return x * _const(mul) + _const(np.asarray(params["bias"]) - np.asarray(stats["mean"]) * mul)
 
 
+def layer_norm(x: tf.Tensor, params: Tree) -> tf.Tensor:
+    """LayerNorm over the channels (timm's LayerNorm2d, the MobileCLIP attention norm)."""
+    mean = tf.reduce_mean(x, axis=-1, keepdims=True)
+    var = tf.reduce_mean(tf.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * tf.math.rsqrt(var + BN_EPS) * _const(params["scale"]) + _const(params["bias"])
+
+
 def gelu(x: tf.Tensor) -> tf.Tensor:
     return tf.nn.gelu(x, approximate=False)
 
@@ -98,7 +105,8 @@ def repmixer_block(x: tf.Tensor, params: Tree, stats: Tree) -> tf.Tensor:
 
 
 def attention_block(x: tf.Tensor, params: Tree, stats: Tree, head_dim: int) -> tf.Tensor:
-    y = attention(batch_norm(x, params["norm"], stats["norm"]), params["token_mixer"], head_dim)
+    norm = batch_norm(x, params["norm"], stats["norm"]) if "norm" in stats else layer_norm(x, params["norm"])
+    y = attention(norm, params["token_mixer"], head_dim)
     x = x + y * _const(params["layer_scale_1"]["gamma"])
     return x + conv_mlp(x, params["mlp"], stats["mlp"]) * _const(params["layer_scale_2"]["gamma"])
 
@@ -112,8 +120,8 @@ def forward(x: tf.Tensor, variables: Tree, cfg: VariantConfig) -> tf.Tensor:
         x = mobileone(x, params[f"stem_{i}"], stride)
     for s, depth in enumerate(cfg.layers):
         stage, stage_stats = params[f"stages_{s}"], stats.get(f"stages_{s}", {})
-        if "downsample" in stage:
-            x = conv(x, stage["downsample"]["proj_0"]["reparam_conv"], 2)
+        if "downsample" in stage:  # large-kernel conv (+ SE and GELU in the MobileCLIP towers), 1x1 MobileOne
+            x = mobileone(x, stage["downsample"]["proj_0"], 2, act=cfg.lkc_use_act)
             x = mobileone(x, stage["downsample"]["proj_1"])
         if "pos_emb" in stage:
             x = conv(x, stage["pos_emb"]["reparam_conv"])

@@ -1,10 +1,18 @@
-"""The seven FastViT variants, as plain data.
+"""The FastViT variants, as plain data.
 
-This module is the single source of truth for the architecture table. It imports
-neither JAX nor PyTorch, so both ``fastvit_jax`` and ``torch_ref`` read it (and so
-does ``convert``). Numbers follow Apple's ml-fastvit code; the data configs of the
-released ImageNet weights (``pretrained_cfg``) follow timm's ``fastvit_*.apple_in1k``.
-The training recipe is in ``fastvit_jax/training/config.py``.
+Two families share one architecture table:
+
+- ``VARIANTS``: the seven ImageNet models of Apple's ml-fastvit (t8 ... ma36); numbers follow
+  Apple's code, data configs follow timm's ``fastvit_*.apple_in1k``;
+- ``MOBILECLIP_VARIANTS``: the MobileCLIP image towers mci0 ... mci4 (timm ``fastvit_mci*``;
+  MobileCLIP S0-S2 and MobileCLIP2 S0-S4). They switch on what the base models leave off:
+  squeeze-excite in the large-kernel downsamples of stages 3-4 (mci0-2), the activation after
+  the large-kernel conv, and for mci3/mci4 a fifth stage (total stride 64), LayerNorm2d as the
+  attention blocks' norm and a stem without the 1x1 scale branch.
+
+``ALL_VARIANTS`` is both. This module imports neither JAX nor PyTorch, so both ``fastvit_jax``
+and ``torch_ref`` read it (and so does ``convert``). The training recipe is in
+``fastvit_jax/training/config.py``.
 """
 
 from __future__ import annotations
@@ -14,10 +22,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
     "VARIANTS",
+    "MOBILECLIP_VARIANTS",
+    "ALL_VARIANTS",
     "VariantConfig",
     "get_variant",
     "canonical_name",
     "OFFICIAL_PARAM_COUNTS",
+    "TIMM_MOBILECLIP_PARAM_COUNTS",
+    "MOBILECLIP_GMACS",
     "OFFICIAL_GMACS",
     "PAPER_NUMBERS",
     "drop_path_rates",
@@ -29,15 +41,20 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# OpenAI CLIP's normalisation (MobileCLIP2 S3/S4 towers); MobileCLIP S0-S2 take raw 0..1 pixels.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+UNIT_MEAN = (0.0, 0.0, 0.0)
+UNIT_STD = (1.0, 1.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class VariantConfig:
-    """Architecture of one FastViT variant.
+    """Architecture of one FastViT variant (4 stages, or 5 for mci3/mci4).
 
     Attributes:
-      name: short name ('t8', ..., 'ma36').
-      layers: blocks per stage (4 stages).
+      name: short name ('t8', ..., 'ma36', 'mci0', ..., 'mci4').
+      layers: blocks per stage.
       embed_dims: channels per stage.
       mlp_ratio: ConvFFN hidden expansion.
       token_mixers: 'repmixer' or 'attention' per stage.
@@ -46,29 +63,79 @@ class VariantConfig:
       layer_scale_init: initial value of every layer scale (Apple's code: 1e-6 for
         sa36 / ma36, 1e-5 otherwise; timm uses 1e-5 everywhere).
       crop_pct: evaluation centre-crop fraction of the pretrained config.
+      downsamples: per stage, whether a PatchEmbed (stride 2) starts it; a stage whose
+        width differs from the previous one's always gets one.
+      se_downsamples: per stage, whether that PatchEmbed's large-kernel conv has a
+        squeeze-excite (rd ratio 1/4) on its output.
+      lkc_use_act: apply GELU after the large-kernel conv (Apple's FastViT computed it and
+        dropped it, so the base variants keep it off; the MobileCLIP towers use it).
+      attention_norm: norm before attention, 'batchnorm' (BatchNorm2d) or 'layernorm'
+        (LayerNorm over channels, eps 1e-5, not foldable into a conv).
+      stem_use_scale_branch: whether the stem's 3x3 MobileOne blocks have the 1x1 branch.
+      num_classes: classifier width of the published weights (1000 ImageNet classes, or
+        the CLIP embedding width of a MobileCLIP tower).
+      mean, std: input normalisation of the published weights.
     """
 
     name: str
-    layers: Tuple[int, int, int, int]
-    embed_dims: Tuple[int, int, int, int]
+    layers: Tuple[int, ...]
+    embed_dims: Tuple[int, ...]
     mlp_ratio: float
-    token_mixers: Tuple[str, str, str, str]
-    pos_emb: Tuple[bool, bool, bool, bool]
+    token_mixers: Tuple[str, ...]
+    pos_emb: Tuple[bool, ...]
     layer_scale_init: float
     crop_pct: float
     repmixer_kernel_size: int = 3
     cls_ratio: float = 2.0
     head_dim: int = 32
+    downsamples: Tuple[bool, ...] = (False, True, True, True)
+    se_downsamples: Tuple[bool, ...] = (False, False, False, False)
+    lkc_use_act: bool = False
+    attention_norm: str = "batchnorm"
+    stem_use_scale_branch: bool = True
+    num_classes: int = 1000
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        n = len(self.layers)
+        per_stage = {"embed_dims": self.embed_dims, "token_mixers": self.token_mixers, "pos_emb": self.pos_emb,
+                     "downsamples": self.downsamples, "se_downsamples": self.se_downsamples}
+        wrong = {k: len(v) for k, v in per_stage.items() if len(v) != n}
+        if wrong:
+            raise ValueError(f"variant {self.name!r}: {n} stages in layers={self.layers}, but lengths {wrong}")
+        if self.attention_norm not in ATTENTION_NORMS:
+            raise ValueError(f"variant {self.name!r}: attention_norm {self.attention_norm!r}; "
+                             f"valid: {', '.join(ATTENTION_NORMS)}")
 
     @property
     def num_blocks(self) -> int:
         return sum(self.layers)
 
     @property
+    def num_stages(self) -> int:
+        return len(self.layers)
+
+    @property
     def num_features(self) -> int:
         """Channels after the final conv (input of the classifier)."""
         return int(self.embed_dims[-1] * self.cls_ratio)
 
+    @property
+    def reduction(self) -> int:
+        """Total stride: the stem's 4 times 2 per downsampling stage (32, or 64 for mci3/mci4)."""
+        return 4 * 2 ** sum(self.stage_downsamples())
+
+    def stage_downsamples(self) -> Tuple[bool, ...]:
+        """Per stage, whether it starts with a PatchEmbed (as timm: asked for, or a width change)."""
+        prev, out = self.embed_dims[0], []
+        for down, dim in zip(self.downsamples, self.embed_dims):
+            out.append(bool(down) or prev != dim)
+            prev = dim
+        return tuple(out)
+
+
+ATTENTION_NORMS = ("batchnorm", "layernorm")
 
 _RM4 = ("repmixer",) * 4
 _RM3A = ("repmixer", "repmixer", "repmixer", "attention")
@@ -87,6 +154,43 @@ _CONFIGS = {
 }
 
 VARIANTS: Tuple[str, ...] = tuple(_CONFIGS)
+
+_MCI_SMALL = dict(mlp_ratio=3.0, token_mixers=_RM3A, pos_emb=_PE4, layer_scale_init=1e-5, crop_pct=0.95,
+                  se_downsamples=(False, False, True, True), lkc_use_act=True, num_classes=512,
+                  mean=UNIT_MEAN, std=UNIT_STD)
+_MCI_LARGE = dict(mlp_ratio=4.0, token_mixers=("repmixer",) * 3 + ("attention",) * 2,
+                  pos_emb=(False, False, False, True, True), layer_scale_init=1e-5, crop_pct=0.95,
+                  downsamples=(False, True, True, True, True), se_downsamples=(False,) * 5, lkc_use_act=True,
+                  attention_norm="layernorm", stem_use_scale_branch=False, num_classes=768,
+                  mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
+_CONFIGS.update({
+    "mci0": VariantConfig("mci0", (2, 6, 10, 2), (64, 128, 256, 512), **_MCI_SMALL),
+    "mci1": VariantConfig("mci1", (4, 12, 20, 4), (64, 128, 256, 512), **_MCI_SMALL),
+    "mci2": VariantConfig("mci2", (4, 12, 24, 4), (80, 160, 320, 640), **_MCI_SMALL),
+    "mci3": VariantConfig("mci3", (2, 12, 24, 4, 2), (96, 192, 384, 768, 1536), **_MCI_LARGE),
+    "mci4": VariantConfig("mci4", (2, 12, 24, 4, 4), (128, 256, 512, 1024, 2048), **_MCI_LARGE),
+})
+MOBILECLIP_VARIANTS: Tuple[str, ...] = ("mci0", "mci1", "mci2", "mci3", "mci4")
+ALL_VARIANTS: Tuple[str, ...] = VARIANTS + MOBILECLIP_VARIANTS
+# MobileCLIP towers with a 1000-class head (train form, fused form). The train counts are
+# timm's fastvit_mci* counts; the fused ones are what reparameterization gives (one conv per
+# fused block, the same in torch_ref, fastvit_jax and timm's block-by-block fusion).
+TIMM_MOBILECLIP_PARAM_COUNTS = {
+    "mci0": (11_907_176, 11_857_704),
+    "mci1": (22_041_832, 21_961_256),
+    "mci2": (36_440_360, 36_328_120),
+    "mci3": (125_948_584, 125_787_208),
+    "mci4": (322_735_336, 322_520_168),
+}
+# GMACs at 256x256 (train form, fused form), 1000 classes: multiply-accumulates of every conv
+# and matmul (the attention products included), counted the way OFFICIAL_GMACS were.
+MOBILECLIP_GMACS = {
+    "mci0": (2.393, 2.386),
+    "mci1": (4.668, 4.659),
+    "mci2": (7.847, 7.835),
+    "mci3": (14.822, 14.813),
+    "mci4": (27.771, 27.759),
+}
 
 # Exact counts of Apple's code (train form, fused form).
 OFFICIAL_PARAM_COUNTS = {
@@ -123,13 +227,13 @@ PAPER_NUMBERS = {
 def canonical_name(variant: str) -> str:
     """'fastvit_sa12' / 'SA12' / 'sa12' -> 'sa12'. Raises ValueError for unknown names."""
     if not isinstance(variant, str):
-        raise ValueError(f"variant must be a string, got {variant!r}; valid: {', '.join(VARIANTS)}")
+        raise ValueError(f"variant must be a string, got {variant!r}; valid: {', '.join(ALL_VARIANTS)}")
     name = variant.strip().lower()
     if name.startswith("fastvit_"):
         name = name[len("fastvit_"):]
     if name not in _CONFIGS:
         raise ValueError(
-            f"unknown FastViT variant {variant!r}; valid: {', '.join(VARIANTS)} "
+            f"unknown FastViT variant {variant!r}; valid: {', '.join(ALL_VARIANTS)} "
             f"(optionally prefixed 'fastvit_')"
         )
     return name
@@ -183,13 +287,28 @@ class PretrainedCfg:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def pretrained_cfg(variant: str, *, num_classes: int = 1000, image_size: Optional[int] = None) -> PretrainedCfg:
-    """The data config of ``variant``'s ImageNet weights: 256 px, crop 0.9 (0.95 for ma36),
-    bicubic, ImageNet mean/std. ``image_size`` changes the input size (square)."""
+def pretrained_cfg(variant: str, *, num_classes: Optional[int] = None,
+                   image_size: Optional[int] = None) -> PretrainedCfg:
+    """The data config of ``variant``'s published weights, as timm's ``pretrained_cfg``.
+
+    Base variants: 1000 ImageNet classes, 256 px, crop 0.9 (0.95 for ma36), bicubic, ImageNet
+    mean/std. MobileCLIP towers: the CLIP embedding as classifier (512 for mci0-2, 768 for
+    mci3/mci4), crop 0.95, bicubic, 256 px; mean 0 / std 1 (mci0-2) or OpenAI CLIP's (mci3/mci4).
+    ``num_classes`` (default: the published head's) and ``image_size`` (square) override.
+    """
     cfg = get_variant(variant)
     size = 256 if image_size is None else int(image_size)
-    return PretrainedCfg(variant=cfg.name, num_classes=int(num_classes), input_size=(3, size, size),
-                         crop_pct=cfg.crop_pct, num_features=cfg.num_features)
+    classes = cfg.num_classes if num_classes is None else int(num_classes)
+    return PretrainedCfg(variant=cfg.name, num_classes=classes, input_size=(3, size, size),
+                         crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std, num_features=cfg.num_features,
+                         first_conv=_first_conv(cfg))
+
+
+def _first_conv(cfg: VariantConfig) -> Tuple[str, ...]:
+    """The convs that read the image (timm's ``first_conv``): no 1x1 branch in mci3/mci4's stem."""
+    if cfg.stem_use_scale_branch:
+        return ("stem.0.conv_kxk.0.conv", "stem.0.conv_scale.conv")
+    return ("stem.0.conv_kxk.0.conv",)
 
 
 def drop_path_rates(depths: Sequence[int], rate: float) -> List[List[float]]:

@@ -49,6 +49,16 @@ def jax_logits(variant: str, fused: bool, variables, x_nchw: np.ndarray) -> np.n
     return np.asarray(jax_apply(variant, fused)(variables, x_nchw.transpose(0, 2, 3, 1)))
 
 
+def torch_references(model: torch.nn.Module, fused: torch.nn.Module, shape, seed: int):
+    """(input NCHW, unfused logits, fused logits) for a batch of ``shape``; asserts that the
+    logits depend on the input (a near-constant model would make parity meaningless)."""
+    x = images(shape, seed=seed)
+    ref, ref_fused = torch_logits(model, x), torch_logits(fused, x)
+    other = torch_logits(model, images(shape, seed=99))
+    assert np.abs(ref - other).max() > 0.05 * np.abs(ref).max(), "logits must depend on the input"
+    return x, ref, ref_fused
+
+
 def assert_parity(out: np.ndarray, ref: np.ndarray, tol: float = 1e-5, what: str = "") -> float:
     """max |out - ref| / max |ref| <= tol and identical top-1; returns the error."""
     err = float(np.abs(out.astype(np.float64) - ref).max() / np.abs(ref).max())

@@ -76,7 +76,9 @@ def test_runtime_logits_match_jax_and_torch(tmp_path_factory, variant, fmt):
 
 
 def test_every_variant_exports_the_fused_graph(tmp_path):
-    for variant in fastvit_jax.VARIANTS:
+    # mci0: the MobileCLIP switches (SE + GELU in the downsample); mci3/mci4 (five stages, LayerNorm2d)
+    # export the same way but their 0.5-1.3 GB files are left to a manual run.
+    for variant in (*fastvit_jax.VARIANTS, "mci0"):
         if variant in SIZES:
             continue  # covered with non-trivial weights above
         torch.manual_seed(0)

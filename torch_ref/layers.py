@@ -3,7 +3,7 @@
 Each re-parameterizable block carries both forms: the train form (parallel conv-BN
 branches) and, after ``reparameterize()`` or when built with ``inference_mode=True``,
 a single ``reparam_conv`` with bias. The fusion math lives in ``fuse_conv_bn`` and
-``identity_kernel`` (spec §3); the Flax twin is ``fastvit_jax/layers.py`` +
+``identity_kernel``; the Flax twin is ``fastvit_jax/layers.py`` +
 ``fastvit_jax/reparam.py``.
 """
 
@@ -109,6 +109,27 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(s)
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor (timm's ``LayerNorm2d``; keys weight, bias)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__(channels, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def norm_2d(kind: str, channels: int) -> nn.Module:
+    """The attention blocks' norm: 'batchnorm' (BatchNorm2d) or 'layernorm' (LayerNorm2d, eps 1e-5)."""
+    if kind == "batchnorm":
+        return nn.BatchNorm2d(channels)
+    if kind == "layernorm":
+        return LayerNorm2d(channels, eps=1e-5)
+    raise ValueError(f"unknown attention norm {kind!r}; valid: 'batchnorm', 'layernorm'")
+
+
 class DropPath(nn.Module):
     """Stochastic depth per sample (identity in eval mode or at rate 0)."""
 
@@ -131,7 +152,7 @@ def _gelu() -> nn.Module:
 # --------------------------------------------------------------------------- MobileOne
 class MobileOneBlock(nn.Module):
     """MobileOne block: sum of k x k conv-BN branches, a 1x1 conv-BN scale branch and a
-    BN skip branch, then SE and activation (spec §2). Fuses to ``reparam_conv``."""
+    BN skip branch, then SE and activation. Fuses to ``reparam_conv``."""
 
     def __init__(
         self,
@@ -210,8 +231,13 @@ class MobileOneBlock(nn.Module):
 
 
 class ReparamLargeKernelConv(nn.Module):
-    """Grouped 7x7 conv-BN + grouped 3x3 conv-BN, summed; no activation (spec §2: Apple's
-    code computes one and discards it). Fuses to ``reparam_conv``."""
+    """Grouped 7x7 conv-BN + grouped 3x3 conv-BN, summed, then optional SE and activation.
+
+    Apple's FastViT computed the activation and discarded it, so the base variants build it
+    with ``use_act=False``; the MobileCLIP towers apply it (``use_act=True``) and give the
+    stage 3-4 downsamples a squeeze-excite (rd ratio 1/4) before it. Fuses to ``reparam_conv``
+    (SE and activation stay after it).
+    """
 
     def __init__(
         self,
@@ -221,6 +247,8 @@ class ReparamLargeKernelConv(nn.Module):
         stride: int,
         groups: int,
         small_kernel: Optional[int] = 3,
+        use_se: bool = False,
+        use_act: bool = False,
         inference_mode: bool = False,
     ):
         super().__init__()
@@ -232,14 +260,17 @@ class ReparamLargeKernelConv(nn.Module):
             self.reparam_conv = None
             self.large_conv = ConvNorm(in_chs, out_chs, kernel_size, stride, groups)
             self.small_conv = ConvNorm(in_chs, out_chs, small_kernel, stride, groups) if small_kernel else None
+        self.se = SqueezeExcite(out_chs, rd_ratio=0.25) if use_se else nn.Identity()
+        self.act = _gelu() if use_act else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.reparam_conv is not None:
-            return self.reparam_conv(x)
-        out = self.large_conv(x)
-        if self.small_conv is not None:
-            out = out + self.small_conv(x)
-        return out
+            out = self.reparam_conv(x)
+        else:
+            out = self.large_conv(x)
+            if self.small_conv is not None:
+                out = out + self.small_conv(x)
+        return self.act(self.se(out))
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -256,13 +287,17 @@ class ReparamLargeKernelConv(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Downsampling: ReparamLargeKernelConv(7x7, stride 2, C -> C') then a 1x1 MobileOneBlock."""
+    """Downsampling: ReparamLargeKernelConv(7x7, stride 2, C -> C') then a 1x1 MobileOneBlock.
 
-    def __init__(self, patch_size: int, stride: int, in_chs: int, embed_dim: int, inference_mode: bool = False):
+    ``use_se`` / ``lkc_use_act``: the large-kernel conv's squeeze-excite and activation.
+    """
+
+    def __init__(self, patch_size: int, stride: int, in_chs: int, embed_dim: int, use_se: bool = False,
+                 lkc_use_act: bool = False, inference_mode: bool = False):
         super().__init__()
         self.proj = nn.Sequential(
             ReparamLargeKernelConv(in_chs, embed_dim, patch_size, stride, groups=in_chs, small_kernel=3,
-                                   inference_mode=inference_mode),
+                                   use_se=use_se, use_act=lkc_use_act, inference_mode=inference_mode),
             MobileOneBlock(embed_dim, embed_dim, 1, 1, inference_mode=inference_mode),
         )
 
@@ -398,12 +433,15 @@ class RepMixerBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """x = x + DropPath(ls1 * Attention(BN(x))); x = x + DropPath(ls2 * ConvMlp(x))."""
+    """x = x + DropPath(ls1 * Attention(norm(x))); x = x + DropPath(ls2 * ConvMlp(x)).
+
+    ``norm``: 'batchnorm' (base variants, mci0-2) or 'layernorm' (mci3/mci4); neither is fused.
+    """
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0,
-                 layer_scale_init_value: float = 1e-5, head_dim: int = 32):
+                 layer_scale_init_value: float = 1e-5, head_dim: int = 32, norm: str = "batchnorm"):
         super().__init__()
-        self.norm = nn.BatchNorm2d(dim)
+        self.norm = norm_2d(norm, dim)
         self.token_mixer = Attention(dim, head_dim)
         self.layer_scale_1 = LayerScale2d(dim, layer_scale_init_value)
         self.drop_path1 = DropPath(drop_path)

@@ -8,7 +8,14 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from fastvit_jax.variants import VARIANTS, VariantConfig, drop_path_rates, get_variant  # pure Python, no JAX
+from fastvit_jax.variants import (  # pure Python, no JAX
+    ALL_VARIANTS,
+    MOBILECLIP_VARIANTS,
+    VARIANTS,
+    VariantConfig,
+    drop_path_rates,
+    get_variant,
+)
 from torch_ref.layers import (
     AttentionBlock,
     MobileOneBlock,
@@ -19,18 +26,25 @@ from torch_ref.layers import (
 
 Tensor = torch.Tensor
 
-__all__ = ["FastVit", "FastVitStage", "ClassifierHead", "create_model", "reparameterize_model", "drop_path_rates", "VARIANTS"]
+__all__ = ["FastVit", "FastVitStage", "ClassifierHead", "create_model", "reparameterize_model", "drop_path_rates", "VARIANTS",
+           "MOBILECLIP_VARIANTS", "ALL_VARIANTS"]
 
 
 class FastVitStage(nn.Module):
-    """[PatchEmbed downsample] -> [RepCPE] -> blocks."""
+    """[PatchEmbed downsample] -> [RepCPE] -> blocks.
+
+    ``se_downsample`` / ``lkc_use_act``: squeeze-excite and activation of the downsample's
+    large-kernel conv; ``attention_norm``: the attention blocks' norm ('batchnorm' / 'layernorm').
+    """
 
     def __init__(self, dim: int, dim_out: int, depth: int, token_mixer: str, downsample: bool, pos_emb: bool,
                  mlp_ratio: float, kernel_size: int, drop_path: Sequence[float], layer_scale_init_value: float,
-                 drop: float = 0.0, head_dim: int = 32, inference_mode: bool = False):
+                 drop: float = 0.0, head_dim: int = 32, se_downsample: bool = False, lkc_use_act: bool = False,
+                 attention_norm: str = "batchnorm", inference_mode: bool = False):
         super().__init__()
         self.downsample = (
-            PatchEmbed(7, 2, dim, dim_out, inference_mode=inference_mode) if downsample else nn.Identity()
+            PatchEmbed(7, 2, dim, dim_out, use_se=se_downsample, lkc_use_act=lkc_use_act,
+                       inference_mode=inference_mode) if downsample else nn.Identity()
         )
         self.pos_emb = RepConditionalPosEnc(dim_out, 7, inference_mode=inference_mode) if pos_emb else nn.Identity()
         if token_mixer == "repmixer":
@@ -41,7 +55,8 @@ class FastVitStage(nn.Module):
             ]
         elif token_mixer == "attention":
             blocks = [
-                AttentionBlock(dim_out, mlp_ratio, drop, drop_path[i], layer_scale_init_value, head_dim)
+                AttentionBlock(dim_out, mlp_ratio, drop, drop_path[i], layer_scale_init_value, head_dim,
+                               attention_norm)
                 for i in range(depth)
             ]
         else:
@@ -66,9 +81,11 @@ class ClassifierHead(nn.Module):
 
 
 class FastVit(nn.Module):
-    """FastViT (Vasu et al., ICCV 2023), faithful to Apple's ml-fastvit with timm's names.
+    """FastViT (Vasu et al., ICCV 2023), faithful to Apple's ml-fastvit with timm's names;
+    also the MobileCLIP image towers (mci0 ... mci4, as timm's ``fastvit_mci*``).
 
-    Input: (B, 3, H, W) ImageNet-normalized, H and W divisible by 32. Output: (B, num_classes).
+    Input: (B, 3, H, W) normalized as the variant's weights expect, H and W divisible by
+    ``cfg.reduction`` (32; 64 for mci3/mci4). Output: (B, num_classes).
     """
 
     def __init__(self, cfg: VariantConfig, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
@@ -80,19 +97,22 @@ class FastVit(nn.Module):
         self.inference_mode = inference_mode
         ls_init = cfg.layer_scale_init if layer_scale_init_value is None else layer_scale_init_value
         c0 = cfg.embed_dims[0]
+        scale = cfg.stem_use_scale_branch
         self.stem = nn.Sequential(
-            MobileOneBlock(in_chans, c0, 3, 2, inference_mode=inference_mode),
-            MobileOneBlock(c0, c0, 3, 2, groups=c0, inference_mode=inference_mode),
+            MobileOneBlock(in_chans, c0, 3, 2, inference_mode=inference_mode, use_scale_branch=scale),
+            MobileOneBlock(c0, c0, 3, 2, groups=c0, inference_mode=inference_mode, use_scale_branch=scale),
             MobileOneBlock(c0, c0, 1, 1, inference_mode=inference_mode),
         )
         dpr = drop_path_rates(cfg.layers, drop_path_rate)
+        downsamples = cfg.stage_downsamples()
         stages, prev = [], c0
         for i, (depth, dim) in enumerate(zip(cfg.layers, cfg.embed_dims)):
             stages.append(FastVitStage(
-                prev, dim, depth, cfg.token_mixers[i], downsample=i > 0 or prev != dim, pos_emb=cfg.pos_emb[i],
+                prev, dim, depth, cfg.token_mixers[i], downsample=downsamples[i], pos_emb=cfg.pos_emb[i],
                 mlp_ratio=cfg.mlp_ratio, kernel_size=cfg.repmixer_kernel_size, drop_path=dpr[i],
                 layer_scale_init_value=ls_init, drop=proj_drop_rate, head_dim=cfg.head_dim,
-                inference_mode=inference_mode))
+                se_downsample=cfg.se_downsamples[i], lkc_use_act=cfg.lkc_use_act,
+                attention_norm=cfg.attention_norm, inference_mode=inference_mode))
             prev = dim
         self.stages = nn.Sequential(*stages)
         self.num_features = cfg.num_features
@@ -106,7 +126,7 @@ class FastVit(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward_stages(self, x: Tensor) -> List[Tensor]:
-        """The four stage outputs (NCHW, strides 4, 8, 16, 32), the last attention stage included."""
+        """The stage outputs (NCHW, strides 4, 8, 16, 32 [, 64]), the last attention stage included."""
         x = self.stem(x)
         feats = []
         for stage in self.stages:
@@ -115,7 +135,7 @@ class FastVit(nn.Module):
         return feats
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """stem -> stages -> final_conv: (B, 2*C4, H/32, W/32)."""
+        """stem -> stages -> final_conv: (B, 2*C_last, H/r, W/r), r = ``cfg.reduction``."""
         return self.final_conv(self.stages(self.stem(x)))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -125,20 +145,24 @@ class FastVit(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def create_model(variant: str, num_classes: int = 1000, inference_mode: bool = False, drop_path_rate: float = 0.0,
-                 **kwargs) -> FastVit:
-    """Build a FastViT variant ('t8' or 'fastvit_t8'); ``inference_mode=True`` builds the fused graph.
+def create_model(variant: str, num_classes: int | None = None, inference_mode: bool = False,
+                 drop_path_rate: float = 0.0, **kwargs) -> FastVit:
+    """Build a FastViT variant ('t8' or 'fastvit_t8', 'mci0' or 'fastvit_mci0').
 
-    Raises ValueError naming the valid variants for an unknown name.
+    ``inference_mode=True`` builds the fused graph. ``num_classes`` defaults to the published
+    head's width, as timm: 1000 for the base variants, the CLIP embedding (512 / 768) for the
+    MobileCLIP towers. Raises ValueError naming the valid variants for an unknown name.
     """
-    return FastVit(get_variant(variant), num_classes=num_classes, inference_mode=inference_mode,
+    cfg = get_variant(variant)
+    num_classes = cfg.num_classes if num_classes is None else num_classes
+    return FastVit(cfg, num_classes=num_classes, inference_mode=inference_mode,
                    drop_path_rate=drop_path_rate, **kwargs)
 
 
 def reparameterize_model(model: nn.Module) -> nn.Module:
     """A fused deep copy of ``model`` (the input is left unchanged), in eval mode.
 
-    Every module with a ``reparameterize`` method fuses itself (spec §3).
+    Every module with a ``reparameterize`` method fuses itself (conv-BN folding, see ``torch_ref.layers``).
     """
     fused = copy.deepcopy(model)
     for module in list(fused.modules()):

@@ -2,7 +2,7 @@
 
 Layer scales start at 1e-5 and BN statistics at (0, 1), so a freshly built model is
 nearly a constant function; comparing two such models proves little. These helpers
-draw layer scales in [0.2, 0.6], random BN affines, and calibrate BN running statistics
+draw layer scales in [0.2, 0.6], random BN and LayerNorm affines, and calibrate BN running statistics
 with exact averages over a few train-mode passes.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torch_ref.layers import LayerScale2d
+from torch_ref.layers import LayerNorm2d, LayerScale2d
 
 
 @torch.no_grad()
@@ -22,7 +22,7 @@ def make_nontrivial(model: nn.Module, seed: int = 0, image_size: int | tuple = 1
     for m in model.modules():
         if isinstance(m, LayerScale2d):
             m.gamma.copy_(torch.rand(m.gamma.shape, generator=g) * 0.4 + 0.2)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, (nn.BatchNorm2d, LayerNorm2d)):
             m.weight.copy_(torch.rand(m.weight.shape, generator=g) * 1.0 + 0.5)
             m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     head = getattr(getattr(model, "head", None), "fc", None)

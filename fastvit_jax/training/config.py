@@ -19,7 +19,7 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
-from fastvit_jax.variants import VARIANTS, canonical_name, get_variant
+from fastvit_jax.variants import ALL_VARIANTS, canonical_name, get_variant
 
 CONFIG_FILENAME = "config.json"
 
@@ -32,6 +32,13 @@ VARIANT_RECIPE: Dict[str, Dict[str, float]] = {
     "sa24": {"drop_path": 0.1, "mixup": 0.2},
     "sa36": {"drop_path": 0.2, "mixup": 0.2},
     "ma36": {"drop_path": 0.35, "mixup": 0.8},
+    # MobileCLIP towers: no ImageNet recipe was published; matched to the base models of similar size
+    # (mci0 ~ sa12, mci1 ~ sa24, mci2 ~ sa36, mci3 / mci4 like ma36).
+    "mci0": {"drop_path": 0.1, "mixup": 0.2},
+    "mci1": {"drop_path": 0.1, "mixup": 0.2},
+    "mci2": {"drop_path": 0.2, "mixup": 0.2},
+    "mci3": {"drop_path": 0.35, "mixup": 0.8},
+    "mci4": {"drop_path": 0.35, "mixup": 0.8},
 }
 
 # The recipe's warm-up (used when neither warmup_epochs nor warmup_steps is given) and
@@ -54,7 +61,7 @@ class ConfigMismatchError(ValueError):
 
 
 def _per_variant(field_name: str) -> str:
-    return ", ".join(f"{v} {VARIANT_RECIPE[v][field_name]}" for v in VARIANTS)
+    return ", ".join(f"{v} {VARIANT_RECIPE[v][field_name]}" for v in ALL_VARIANTS)
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002  (argparse's word)
@@ -67,7 +74,7 @@ class TrainConfig:
     """Every knob of a training run; the defaults are Apple's recipe (see ``get_config``)."""
 
     # What to train, on what.
-    variant: str = option("t8", f"FastViT variant: {' '.join(VARIANTS)}")
+    variant: str = option("t8", f"FastViT variant: {' '.join(ALL_VARIANTS)} (mci*: MobileCLIP image towers)")
     dataset: str = option("imagenet2012", "tfds image-classification dataset, or 'demo' for the embedded "
                                           "10-class offline dataset")
     data_dir: Optional[str] = option(None, "tfds data_dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")

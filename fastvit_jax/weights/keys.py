@@ -7,6 +7,7 @@ Rules:
 - conv weight (O, I/g, kh, kw) <-> kernel (kh, kw, I/g, O); linear (O, I) <-> (I, O);
 - BatchNorm weight/bias <-> params scale/bias, running_mean/var <-> batch_stats mean/var,
   ``num_batches_tracked`` dropped (and written back as 0);
+- LayerNorm2d (mci3/mci4 attention norm) weight/bias (C,) <-> params scale/bias (no statistics);
 - layer scale gamma (C, 1, 1) <-> (C,).
 """
 
@@ -93,6 +94,8 @@ def torch_to_flax(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
                 put(params, path, "kernel", arr.transpose(2, 3, 1, 0))
             elif leaf == "weight" and arr.ndim == 2:
                 put(params, path, "kernel", arr.T)
+            elif leaf == "weight" and arr.ndim == 1:  # LayerNorm2d
+                put(params, path, "scale", arr)
             elif leaf == "bias":
                 put(params, path, "bias", arr)
             else:
@@ -114,7 +117,10 @@ def _flax_entries(variables: Mapping[str, Any]) -> Iterator[Tuple[str, str, Any]
     def walk(path: Tuple[str, ...], node: Mapping[str, Any], stats: Mapping[str, Any]):
         leaves = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
         module = flax_path_to_torch(path)
-        if "scale" in leaves:  # BatchNorm
+        if "scale" in leaves and "mean" not in stats:  # LayerNorm2d: affine only
+            yield key_of(module, "weight"), "same", leaves["scale"]
+            yield key_of(module, "bias"), "same", leaves["bias"]
+        elif "scale" in leaves:  # BatchNorm
             yield key_of(module, "weight"), "same", leaves["scale"]
             yield key_of(module, "bias"), "same", leaves["bias"]
             yield key_of(module, "running_mean"), "same", stats["mean"]

@@ -11,13 +11,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from fastvit_jax.variants import VARIANTS, canonical_name, get_variant
+from fastvit_jax.variants import ALL_VARIANTS, canonical_name, get_variant
 from fastvit_jax.weights.keys import _to_numpy, flax_shapes_to_torch, flax_to_torch, torch_to_flax
-from fastvit_jax.weights.layouts import LAYOUTS, apple_to_timm, detect_layout, timm_to_apple
+from fastvit_jax.weights.layouts import (
+    LAYOUTS,
+    apple_to_timm,
+    clip_layout,
+    detect_layout,
+    image_tower,
+    timm_to_apple,
+)
 
 FORMS = ("train", "fused")
 WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")
@@ -32,7 +40,7 @@ class ConversionError(ValueError):
 class ConversionResult:
     variables: Dict[str, Any]
     variant: str
-    layout: str        # layout of the source checkpoint: 'timm' or 'apple' ('flax' for Flax variables)
+    layout: str        # source layout: 'timm', 'apple', 'open_clip', 'mobileclip' ('flax' for Flax variables)
     source_form: str   # 'train' or 'fused'
     form: str          # form of ``variables``
     num_classes: int
@@ -133,8 +141,8 @@ def _candidates(shapes: Mapping[str, Tuple[int, ...]]) -> List[str]:
             stage, block = int(m.group(1)), int(m.group(2))
             depth[stage] = max(depth.get(stage, 0), block + 1)
     layers = tuple(depth.get(s, 0) for s in range(max(depth, default=-1) + 1))
-    same = [v for v in VARIANTS if get_variant(v).layers == layers]
-    return same or list(VARIANTS)
+    same = [v for v in ALL_VARIANTS if get_variant(v).layers == layers]
+    return same or list(ALL_VARIANTS)
 
 
 def detect_variant(shapes: Mapping[str, Tuple[int, ...]], fused: bool, variant: Optional[str] = None) -> str:
@@ -228,19 +236,30 @@ def count_params(params: Mapping[str, Any]) -> int:
 # --------------------------------------------------------------------------- torch -> flax
 def convert_state_dict(state_dict: Mapping[str, Any], *, variant: Optional[str] = None,
                        fused: bool = False) -> ConversionResult:
-    """A PyTorch FastViT state_dict (timm/torch_ref or Apple layout, train or fused form) -> Flax variables.
+    """A PyTorch FastViT state_dict -> Flax variables.
 
+    Layouts: timm / torch_ref, Apple's ml-fastvit, and full MobileCLIP checkpoints (open_clip's
+    ``visual.trunk.``, Apple MobileCLIP's ``image_encoder.model.``; their CLIP projection becomes
+    ``head.fc``, and the text tower is left out with a one-line warning). Train or fused form.
     Values may be numpy arrays or torch tensors; the variables are float32 whatever the input's
     float dtype (listed in ``result.source_dtypes``). ``fused=True`` returns the inference form
     (fusing on the JAX side with ``fastvit_jax.reparameterize`` when the source is unfused);
     a fused source always gives the fused form. ``variant`` is checked against the shapes.
     """
+    clip = clip_layout(state_dict.keys())
+    sd = dict(state_dict)
     try:
-        layout = detect_layout(state_dict.keys())
+        if clip is not None:
+            sd, left_out = image_tower(sd, clip)
+            if left_out:
+                warnings.warn(f"{clip} checkpoint: took the image tower, left out {len(left_out)} other entries "
+                              f"(text tower etc., e.g. {left_out[0]!r})", stacklevel=2)
+        inner = detect_layout(sd.keys())
     except ValueError as e:
         raise ConversionError(str(e)) from None
-    sd = {k: _to_numpy(v) for k, v in state_dict.items()}
-    sd = apple_to_timm(sd) if layout == "apple" else sd
+    sd = {k: _to_numpy(v) for k, v in sd.items()}
+    layout = clip or inner
+    sd = apple_to_timm(sd) if inner == "apple" else sd
     source_fused = is_fused(sd)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     found_variant = detect_variant(shapes, source_fused, variant)
