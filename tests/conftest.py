@@ -25,3 +25,21 @@ def pytest_configure(config):
         "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
     os.makedirs(cache, exist_ok=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_memory_after_each_module():
+    """One xdist worker runs many modules: drop their cached models and compilations in between
+    (without this a worker grew past 11 GB over the parity, MobileCLIP and export modules)."""
+    yield
+    import gc
+    import sys
+
+    helpers = sys.modules.get("helpers")
+    for name in ("torch_model", "torch_fused", "jax_apply"):
+        cached = getattr(helpers, name, None)
+        if cached is not None:
+            cached.cache_clear()
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()

@@ -16,19 +16,21 @@ SMALL = ("t8", "t12", "s12", "sa12")
 BIG = ("sa24", "sa36", "ma36")
 
 
-@functools.lru_cache(maxsize=None)
+# Bounded caches: one pytest worker runs the parity tests of many variants (mci3 alone holds
+# ~0.5 GB per copy of its weights); the tests of one variant run together (xdist groups).
+@functools.lru_cache(maxsize=2)
 def torch_model(variant: str) -> torch.nn.Module:
     """A calibrated, non-trivial train-form torch_ref model (eval mode), one per variant."""
     torch.manual_seed(0)
     return make_nontrivial(torch_ref.create_model(variant), seed=1, image_size=128, batch=4)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=2)
 def torch_fused(variant: str) -> torch.nn.Module:
     return torch_ref.reparameterize_model(torch_model(variant))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=4)
 def jax_apply(variant: str, fused: bool, lowering: str | None = None):
     """jit(model.apply) in eval mode; compiled once per input shape."""
     model = fastvit_jax.create_model(variant, inference_mode=fused, lowering=lowering)

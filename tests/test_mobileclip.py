@@ -132,7 +132,7 @@ PARITY_CASES = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=1)
 def _conversions(variant: str):
     """Every conversion path of the torch_ref model's state_dicts (one set per variant)."""
     sd, fused_sd = torch_model(variant).state_dict(), torch_fused(variant).state_dict()
