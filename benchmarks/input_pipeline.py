@@ -26,7 +26,7 @@ import numpy as np
 from benchmarks import common
 
 # timm benchmark-infer-amp-nchw-pt291-cu128-4090 (b1024, 256 px) / 3 as a training rate
-# (shared/docs/jax_anchors.md §5): an assumption, not a measurement.
+# (an assumption, not a measurement).
 REFERENCE_ACCEL = {
     "name": "RTX 4090 (timm AMP inference pt2.9.1 / 3)",
     "inference_img_s": {"t8": 8088, "t12": 5517, "s12": 5006, "sa12": 4879, "sa24": 2669, "sa36": 1836, "ma36": 1509},

@@ -82,7 +82,7 @@ def _flat(tree, prefix=""):
 
 
 def test_timm_filter_rules_match_ours_for_apple_unfused():
-    """Apple keys -> timm keys with the rules of timm's checkpoint_filter_fn (spec §4) on a hand-written sample."""
+    """Apple keys -> timm keys with the rules of timm's checkpoint_filter_fn on a hand-written sample."""
     from fastvit_jax.weights.layouts import apple_to_timm
 
     apple = {k: torch.zeros(1) for k in [
@@ -101,7 +101,7 @@ def test_timm_filter_rules_match_ours_for_apple_unfused():
 
 
 def test_apple_fused_keys_that_timm_filter_gets_wrong():
-    """Apple's *_reparam: lkb_reparam and the RepCPE's network.6.reparam_conv (spec §4 caveat)."""
+    """Apple's *_reparam: lkb_reparam and the RepCPE's network.6.reparam_conv."""
     from fastvit_jax.weights.layouts import apple_to_timm
 
     fused = torch_ref.create_model("sa12", inference_mode=True).state_dict()
