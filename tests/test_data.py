@@ -357,3 +357,16 @@ def test_device_prefetch_makes_sharded_global_arrays(demo_dir):
             assert isinstance(d[k], jax.Array) and d[k].sharding == sharding
             assert len(d[k].addressable_shards) == 8
             np.testing.assert_array_equal(np.asarray(d[k]), h[k])
+
+
+def test_pipelines_normalise_with_the_given_mean_and_std(demo_dir):
+    """mean 0 / std 1 (MobileCLIP mci0-2) gives pixels in [0, 1]; the default gives ImageNet's normalisation."""
+    raw = next(make_eval_dataset("demo", demo_dir, batch_size=8, image_size=IMG, crop_pct=0.9, mean=(0, 0, 0),
+                                 std=(1, 1, 1)).as_numpy_iterator())["image"]
+    imagenet = next(make_eval_dataset("demo", demo_dir, batch_size=8, image_size=IMG,
+                                      crop_pct=0.9).as_numpy_iterator())["image"]
+    assert 0.0 <= raw.min() and raw.max() <= 1.0 and raw.max() > 0.5
+    np.testing.assert_allclose(imagenet, (raw - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD), atol=1e-5)
+    train = next(make_train_dataset("demo", demo_dir, global_batch_size=8, image_size=IMG, seed=0,
+                                    augment=TrainAugment.minimal(), mean=(0, 0, 0), std=(1, 1, 1)).as_numpy_iterator())
+    assert 0.0 <= train["image"].min() and train["image"].max() <= 1.0

@@ -496,3 +496,10 @@ def test_post_compilation_barrier_waits_for_the_slower_process(tmp_path):
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert outs[0][0].strip() == "marker seen after the barrier: True"
+
+
+def test_data_normalization_follows_the_variant():
+    """The trainer normalises with the model's data config: ImageNet for FastViT, 0/1 or CLIP for the towers."""
+    assert get_config("t8").normalization == {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    assert get_config("mci0").normalization == {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+    assert get_config("mci3").normalization["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))

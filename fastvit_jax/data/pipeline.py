@@ -255,8 +255,8 @@ def random_resized_crop_decode(encoded: tf.Tensor, key: tf.Tensor, image_size: i
 
 
 def train_preprocess(encoded: tf.Tensor, key: tf.Tensor, *, image_size: int, augment: TrainAugment,
-                     jpeg: bool = True) -> tf.Tensor:
-    """Encoded image bytes + (2,) stateless key -> float32 (S, S, 3) normalized, augmented."""
+                     jpeg: bool = True, mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD) -> tf.Tensor:
+    """Encoded image bytes + (2,) stateless key -> float32 (S, S, 3) normalized with ``mean``/``std``, augmented."""
     keys = tf.random.experimental.stateless_split(key, num=5)
     image = random_resized_crop_decode(encoded, keys[0], image_size, tuple(augment.rrc_scale), jpeg)
     if augment.hflip > 0:
@@ -266,7 +266,7 @@ def train_preprocess(encoded: tf.Tensor, key: tf.Tensor, *, image_size: int, aug
         image = ra.rand_augment(image, keys[2], ra.parse_randaugment(augment.randaugment))
     elif augment.color_jitter and augment.color_jitter > 0:
         image = ra.color_jitter(image, keys[2], float(augment.color_jitter))
-    image = normalize(image)
+    image = normalize(image, mean, std)
     if augment.random_erase_prob > 0:
         image = ra.random_erase(image, keys[3], augment.random_erase_prob)
     return image
@@ -327,8 +327,11 @@ def _element_key(seed: int, process_index: int, process_count: int, index: tf.Te
 def make_train_dataset(name: str, data_dir: str | None, *, global_batch_size: int, image_size: int,
                        seed: int, start_step: int = 0, process_index: int = 0, process_count: int = 1,
                        augment: TrainAugment = TrainAugment(),
-                       shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> tf.data.Dataset:
+                       shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, mean: tuple = IMAGENET_MEAN,
+                       std: tuple = IMAGENET_STD) -> tf.data.Dataset:
     """Infinite per-process train batches ``{'image': f32 (B,S,S,3), 'label': i32 (B,)}``.
+
+    Images are normalised with ``mean``/``std`` (the model's ``pretrained_cfg``; ImageNet's by default).
 
     B = global_batch_size // process_count. Batch k of this dataset is batch
     ``start_step + k`` of the run started at step 0 (exact, see module docstring).
@@ -358,7 +361,8 @@ def make_train_dataset(name: str, data_dir: str | None, *, global_batch_size: in
 
     def _map(index: tf.Tensor, ex: dict) -> dict:
         key = _element_key(seed, process_index, process_count, index)
-        image = train_preprocess(ex["image"], key, image_size=image_size, augment=augment, jpeg=jpeg)
+        image = train_preprocess(ex["image"], key, image_size=image_size, augment=augment, jpeg=jpeg, mean=mean,
+                                 std=std)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
     ds = ds.map(_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -367,8 +371,10 @@ def make_train_dataset(name: str, data_dir: str | None, *, global_batch_size: in
 
 
 def make_eval_dataset(name: str, data_dir: str | None, *, batch_size: int, image_size: int,
-                      crop_pct: float, process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
-    """One pass over this process's slice of the eval split, padded to full batches.
+                      crop_pct: float, process_index: int = 0, process_count: int = 1, mean: tuple = IMAGENET_MEAN,
+                      std: tuple = IMAGENET_STD) -> tf.data.Dataset:
+    """One pass over this process's slice of the eval split, padded to full batches (``eval_preprocess``
+    with ``mean``/``std``, ImageNet's by default).
 
     Yields ``{'image': f32 (B,S,S,3), 'label': i32 (B,), 'mask': f32 (B,)}`` with
     ``B = batch_size // process_count`` (``batch_size`` is global). Every process yields
@@ -390,7 +396,7 @@ def make_eval_dataset(name: str, data_dir: str | None, *, batch_size: int, image
     _, crop = eval_image_size(image_size, crop_pct)
 
     def _map(ex: dict) -> dict:
-        image = eval_preprocess(ex["image"], image_size=image_size, crop_pct=crop_pct, jpeg=jpeg)
+        image = eval_preprocess(ex["image"], image_size=image_size, crop_pct=crop_pct, jpeg=jpeg, mean=mean, std=std)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)}
 
     ds = _read_split(builder, slices[process_index]).map(

@@ -19,7 +19,7 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
-from fastvit_jax.variants import ALL_VARIANTS, canonical_name, get_variant
+from fastvit_jax.variants import ALL_VARIANTS, canonical_name, get_variant, pretrained_cfg
 
 CONFIG_FILENAME = "config.json"
 
@@ -152,6 +152,12 @@ class TrainConfig:
     @property
     def eval_crop_pct(self) -> float:
         return self.crop_pct if self.crop_pct is not None else get_variant(self.variant).crop_pct
+
+    @property
+    def normalization(self) -> Dict[str, Tuple[float, float, float]]:
+        """{'mean', 'std'} of the variant's ``pretrained_cfg`` (ImageNet's; 0/1 or CLIP's for the MobileCLIP towers)."""
+        cfg = pretrained_cfg(self.variant)
+        return {"mean": tuple(cfg.mean), "std": tuple(cfg.std)}
 
     def validate(self) -> None:
         """Raises ValueError naming the field and what would be valid."""

@@ -46,6 +46,7 @@ def run_eval(eval_step: Callable, variables_by_prefix: Dict[str, dict], config: 
     dataset = make_eval_dataset(
         config.dataset, config.data_dir, batch_size=eval_batch_size(config, mesh), image_size=config.image_size,
         crop_pct=config.eval_crop_pct, process_index=jax.process_index(), process_count=jax.process_count(),
+        **config.normalization,
     )
     pending = [eval_step(variables_by_prefix, {k: batch[k] for k in ("image", "label", "mask")})
                for batch in device_prefetch(dataset, mesh_lib.batch_sharding(mesh))]

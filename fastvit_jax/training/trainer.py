@@ -244,7 +244,7 @@ def train_and_evaluate(config: TrainConfig, *, model_fn: Callable[..., nn.Module
     dataset = make_train_dataset(
         config.dataset, config.data_dir, global_batch_size=config.global_batch_size, image_size=config.image_size,
         seed=config.seed, start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count(), augment=_train_augment(config),
+        process_count=jax.process_count(), augment=_train_augment(config), **config.normalization,
     )
 
     # ---- Steps: the train step compiled before the loop; every process waits for the others.
