@@ -16,7 +16,9 @@ Learning rate: --lr is the absolute peak; without it the peak is --lr_base (1e-3
 --global_batch_size / --lr_base_size (1024). The startup log prints the peak lr, warm-up and
 total steps. Restarting with the same --workdir resumes from its latest checkpoint (same data
 order, same losses); a larger --num_steps/--num_epochs extends a finished run. SIGTERM
-(preemption) saves a checkpoint and exits with status 0. Compiled steps are kept in the
+(preemption) saves a checkpoint and exits with status 0. Several processes (TPU pods, SLURM,
+Open MPI, or ``python -m fastvit_jax.launch``): docs/multihost.md; a lost peer ends the others
+with status 4 and a message naming it. Compiled steps are kept in the
 persistent compilation cache (--compilation_cache_dir), so a restart does not recompile.
 """
 
@@ -65,10 +67,13 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     # Multi-host: must run before anything touches the JAX backend.
-    from fastvit_jax.training.mesh import maybe_initialize_distributed
+    from fastvit_jax.training.config import TrainConfig
+    from fastvit_jax.training.multihost import EXIT_PEER_LOST, MultihostError, maybe_initialize_distributed
 
-    maybe_initialize_distributed()
+    maybe_initialize_distributed(
+        distributed_timeout_s=getattr(args, "distributed_timeout", TrainConfig.distributed_timeout))
 
+    from fastvit_jax.data.demo import DatasetPreparationError
     from fastvit_jax.data.pipeline import DatasetNotFoundError
     from fastvit_jax.training.checkpoint import CheckpointError
     from fastvit_jax.training.config import ConfigMismatchError
@@ -86,7 +91,10 @@ def main(argv=None) -> int:
     except DatasetNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ConfigMismatchError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except MultihostError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_PEER_LOST
+    except (ConfigMismatchError, CheckpointError, DatasetPreparationError, ValueError, FileNotFoundError) as e:
         if os.environ.get("FASTVIT_DEBUG"):
             raise
         print(f"error: {e}\n(set FASTVIT_DEBUG=1 for the traceback)", file=sys.stderr)
