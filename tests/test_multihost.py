@@ -214,7 +214,7 @@ def test_kill_of_one_process_ends_the_other_within_the_timeout_naming_it(tmp_pat
         log.close()
     text = log_path.read_text()
     assert "[launch] exit statuses [4, 137]" in text, text[-3000:]
-    assert re.search(r"^\[p0\] error: process 1 stopped responding \(no heartbeat for 1\d s, --distributed_timeout "
+    assert re.search(r"^\[p0\] error: process 1 stopped responding \(no heartbeat for 1\ds, --distributed_timeout "
                      rf"{LOST_PEER_TIMEOUT_S}\); this is process 0 of 2\. Rerun the same command on every host to "
                      r"resume from step 3 \(", text, re.M), text[-3000:]
     assert LOST_PEER_TIMEOUT_S <= seconds < LOST_PEER_TIMEOUT_S + 15, seconds
