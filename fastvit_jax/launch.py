@@ -107,7 +107,7 @@ def launch(command: Sequence[str], *, num_processes: int, devices_per_process: O
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         deadline = None
-        while any(p.poll() is None for p in procs):
+        while [p.poll() for p in procs].count(None):  # polls every process (any() would stop at the first)
             failed = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
             if failed and deadline is None:
                 deadline = time.monotonic() + grace_s
