@@ -218,3 +218,18 @@ def test_kill_of_one_process_ends_the_other_within_the_timeout_naming_it(tmp_pat
                      rf"{LOST_PEER_TIMEOUT_S}\); this is process 0 of 2\. Rerun the same command on every host to "
                      r"resume from step 3 \(", text, re.M), text[-3000:]
     assert LOST_PEER_TIMEOUT_S <= seconds < LOST_PEER_TIMEOUT_S + 15, seconds
+
+
+def test_demo_preparation_removes_a_crashed_runs_temporary_folder_and_names_a_broken_one(tmp_path):
+    from fastvit_jax.data.demo import DatasetPreparationError, demo_builder, prepare_demo
+
+    parent = os.path.dirname(demo_builder(str(tmp_path), 20, 10).data_dir)
+    os.makedirs(os.path.join(parent, "incomplete.ABC123_1.0.0"))
+    prepare_demo(str(tmp_path), 20, 10)  # a crashed run's temporary folder is no obstacle
+    assert demo_builder(str(tmp_path), 20, 10).is_prepared()
+    assert sorted(os.listdir(parent)) == [".prepare.lock", "1.0.0"]
+
+    broken = os.path.join(os.path.dirname(demo_builder(str(tmp_path / "b"), 20, 10).data_dir), "1.0.0")
+    os.makedirs(broken)
+    with pytest.raises(DatasetPreparationError, match=f"{re.escape(broken)} exists but is not a prepared dataset"):
+        prepare_demo(str(tmp_path / "b"), 20, 10)

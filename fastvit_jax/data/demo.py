@@ -218,8 +218,9 @@ def prepare_demo(data_dir: str, num_train: int = DEFAULT_NUM_TRAIN, num_val: int
 
     The default sizes (3000/500, ~4 MB) prepare in a few seconds on 2 CPU cores. Runs
     sharing a data_dir take turns (a file lock): the first prepares, the others find it
-    prepared. Temporary folders of a crashed earlier preparation are removed; a version
-    folder that exists but is not a prepared dataset raises DatasetPreparationError naming it.
+    prepared. Temporary ``incomplete.*`` folders of a crashed earlier preparation are removed;
+    a version folder that exists but is not a prepared dataset raises DatasetPreparationError
+    naming it (tfds would otherwise reuse it as it is).
     """
     builder = demo_builder(data_dir, num_train, num_val)
     if builder.is_prepared():
@@ -232,16 +233,22 @@ def prepare_demo(data_dir: str, num_train: int = DEFAULT_NUM_TRAIN, num_val: int
         if demo_builder(data_dir, num_train, num_val).is_prepared():  # another run prepared it meanwhile
             return
         _remove_incomplete(parent)
+        if os.path.exists(version_dir):
+            raise DatasetPreparationError(_broken_message(version_dir, "exists but is not a prepared dataset"))
         log.info("preparing the demo dataset in %s (%d train / %d validation images)", version_dir, num_train,
                  num_val)
         try:
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         except FileExistsError as e:
-            if demo_builder(data_dir, num_train, num_val).is_prepared():
-                return
-            raise DatasetPreparationError(
-                f"cannot prepare fastvit_demo: {version_dir} exists but is not a prepared dataset (left by an "
-                f"interrupted run or copied in part); delete it and rerun ({e})") from None
+            if not demo_builder(data_dir, num_train, num_val).is_prepared():
+                raise DatasetPreparationError(_broken_message(version_dir, f"could not be written ({e})")) from None
+        if not demo_builder(data_dir, num_train, num_val).is_prepared():
+            raise DatasetPreparationError(_broken_message(version_dir, "is not a prepared dataset after preparing it"))
+
+
+def _broken_message(version_dir: str, what: str) -> str:
+    return (f"cannot prepare the demo dataset: {version_dir} {what} (left by an interrupted run, or copied in "
+            f"part?); delete that folder and rerun")
 
 
 # ----------------------------------------------------------------------------------------

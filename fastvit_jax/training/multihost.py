@@ -113,11 +113,12 @@ def barrier(name: str, timeout_s: float, waiting_for: str) -> None:
     try:
         _client().wait_at_barrier(name, max(1, int(timeout_s * 1000)))
     except Exception as e:  # the client raises a plain XlaRuntimeError carrying the status
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        status = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" This usually")[0]
         raise MultihostError(
-            f"process {jax.process_index()}: not every one of the {jax.process_count()} processes reached "
-            f"'{name}' ({waiting_for}) within {time.monotonic() - start:.0f}s (timeout {timeout_s:g}s): {first}. "
-            f"A process may have crashed (see its log) or be much slower; raise --barrier_timeout if it is only slow"
+            f"process {jax.process_index()}: not all {jax.process_count()} processes reached '{name}' "
+            f"({waiting_for}) within --barrier_timeout {timeout_s:g}s (this one waited "
+            f"{time.monotonic() - start:.0f}s; {status}). A process may have crashed (see its log) or be much "
+            f"slower; raise --barrier_timeout if it is only slow"
         ) from None
     log.info("all %d processes reached '%s' (waited %.1fs)", jax.process_count(), name, time.monotonic() - start)
 
