@@ -70,8 +70,12 @@ def main(argv=None) -> int:
     from fastvit_jax.training.config import TrainConfig
     from fastvit_jax.training.multihost import EXIT_PEER_LOST, MultihostError, maybe_initialize_distributed
 
-    maybe_initialize_distributed(
-        distributed_timeout_s=getattr(args, "distributed_timeout", TrainConfig.distributed_timeout))
+    try:
+        maybe_initialize_distributed(
+            distributed_timeout_s=getattr(args, "distributed_timeout", TrainConfig.distributed_timeout))
+    except MultihostError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_PEER_LOST
 
     from fastvit_jax.data.demo import DatasetPreparationError
     from fastvit_jax.data.pipeline import DatasetNotFoundError

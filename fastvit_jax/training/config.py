@@ -135,8 +135,9 @@ class TrainConfig:
         None, "JAX persistent compilation cache, so restarts and --eval_only reuse the compiled step "
               "(default $JAX_COMPILATION_CACHE_DIR or ~/.cache/fastvit_jax/jax; 'none' disables)")
     distributed_timeout: float = option(
-        300.0, "several processes: seconds without a heartbeat after which a peer counts as lost; the others "
-               "then exit (status 4) naming it (JAX's own heartbeat timeout is set to twice this)")
+        300.0, "several processes: seconds without a heartbeat after which a peer counts as lost (the others then "
+               "exit with status 4, naming it), and the longest wait to join the job or to shut down (JAX's own "
+               "heartbeat timeout is set to twice this)")
     barrier_timeout: float = option(
         1800.0, "several processes: seconds a process waits for the others at a barrier (dataset prepared by "
                 "process 0, train / eval step compiled)")

@@ -6,7 +6,7 @@ on TPU, GPU and CPU (gloo) and cannot deadlock a collective.
 
 - ``maybe_initialize_distributed``: ``jax.distributed.initialize`` when the environment
   describes a multi-process job (explicit variables, a Cloud TPU pod slice, SLURM, Open MPI),
-  with the heartbeat and shutdown timeouts derived from ``--distributed_timeout``.
+  with the join, heartbeat and shutdown timeouts derived from ``--distributed_timeout``.
 - ``barrier``: every process waits for the others, at most ``timeout_s``; a timeout is a
   ``MultihostError`` that says what the processes were waiting for.
 - ``run_on_process_0``: process 0 does some work (prepare a dataset) while the others wait;
@@ -67,7 +67,8 @@ def want_distributed(env=os.environ) -> bool:
 def initialize_kwargs(env=os.environ, *, distributed_timeout_s: float) -> Dict[str, object]:
     """The keyword arguments of ``jax.distributed.initialize`` for this environment."""
     timeout = max(1, int(round(distributed_timeout_s)))
-    kwargs: Dict[str, object] = {"heartbeat_timeout_seconds": HEARTBEAT_FACTOR * timeout,
+    kwargs: Dict[str, object] = {"initialization_timeout": timeout,
+                                 "heartbeat_timeout_seconds": HEARTBEAT_FACTOR * timeout,
                                  "shutdown_timeout_seconds": timeout}
     addr = env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS")
     if addr:
@@ -91,7 +92,13 @@ def maybe_initialize_distributed(env=os.environ, *, distributed_timeout_s: float
         return False
     kwargs = initialize_kwargs(env, distributed_timeout_s=distributed_timeout_s)
     log.info("jax.distributed.initialize(%s)", kwargs)
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as e:  # incomplete environment, coordinator unreachable
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MultihostError(
+            f"could not join the multi-process job ({first}); set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+            f"JAX_PROCESS_ID on every host, or see docs/multihost.md for SLURM, TPU pods and Open MPI") from None
     return True
 
 
