@@ -111,8 +111,9 @@ def launch(command: Sequence[str], *, num_processes: int, devices_per_process: O
             failed = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
             if failed and deadline is None:
                 deadline = time.monotonic() + grace_s
+                status = exit_status(procs[failed[0]].returncode)
                 with lock:
-                    out.write(f"[launch] process {failed[0]} exited with status {exit_status(procs[failed[0]].returncode)}; "
+                    out.write(f"[launch] process {failed[0]} exited with status {status}; "
                               f"the others get {grace_s:g}s to stop\n")
                     out.flush()
             if deadline is not None and time.monotonic() > deadline:

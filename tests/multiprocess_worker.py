@@ -82,8 +82,9 @@ def main(argv=None) -> int:
         return multihost.EXIT_PEER_LOST
     path = os.path.join(args.workdir, f"losses_p{jax.process_index()}.json")
     with open(path, "w") as f:
-        json.dump({"losses": result.losses, "eval": result.eval, "resumed_from": result.resumed_from, "final_step": result.final_step,
-                   "process_count": jax.process_count(), "device_count": jax.device_count()}, f)
+        json.dump({"losses": result.losses, "eval": result.eval, "resumed_from": result.resumed_from,
+                   "final_step": result.final_step, "process_count": jax.process_count(),
+                   "device_count": jax.device_count()}, f)
     print(f"done: step {result.final_step}, resumed from {result.resumed_from}", flush=True)
     return 0
 

@@ -63,7 +63,8 @@ def run_eval(eval_step: Callable, variables_by_prefix: Dict[str, dict], config: 
         eval_step.lower(variables_by_prefix, first).compile()
         multihost.barrier(f"fastvit_eval_step_compiled_{next(_eval_calls)}", config.barrier_timeout,
                           "every process to compile or load the eval step")
-    pending = [eval_step(variables_by_prefix, batch) for batch in itertools.chain([first] if first is not None else [], batches)]
+    pending = [eval_step(variables_by_prefix, batch)
+               for batch in itertools.chain([first] if first is not None else [], batches)]
     totals: Dict[str, float] = {}
     for sums in jax.device_get(pending):
         for k, v in sums.items():
