@@ -190,6 +190,12 @@ def test_checkpoint_of_two_processes_restores_on_one_process_with_another_mesh(r
     restored = _result(runs["restored"], 0)
     assert (restored["process_count"], restored["device_count"]) == (1, 2)
     assert restored["resumed_from"] == STEPS and restored["losses"] == {}
+    warning = (r"WARNING resuming step 6 of a run trained by 2 process\(es\) x 4 devices on 1 process\(es\) x 2 "
+               r"devices: .* the data order from here on is that of 1 process\(es\)")
+    assert re.search(warning, run["log"]), run["log"][-3000:]
+    assert "WARNING resuming step" not in runs["restarted"]["log"]  # same process count: same order
+    with open(os.path.join(runs["two"], "topology.json")) as f:
+        assert json.load(f) == {"process_count": 2, "device_count": 4}
     logged = [r for r in _metrics(runs["two"]) if r["kind"] == "eval"][-1]
     for key in ("top1", "top5", "ema_top1", "ema_top5", "num_examples"):
         assert restored["eval"][key] == logged[key], key

@@ -11,6 +11,8 @@ on TPU, GPU and CPU (gloo) and cannot deadlock a collective.
   ``MultihostError`` that says what the processes were waiting for.
 - ``run_on_process_0``: process 0 does some work (prepare a dataset) while the others wait;
   its failure is raised on every process.
+- ``write_topology`` / ``topology_change``: the process and device count a workdir was
+  trained with, and a warning when a resume uses another process count (other data order).
 - ``PeerWatchdog``: every process counts up a key in the key-value store each second and
   watches the others'; a peer whose counter stops for ``--distributed_timeout`` seconds is
   reported by name and this process exits with ``EXIT_PEER_LOST`` (JAX's own heartbeat,
@@ -19,6 +21,7 @@ on TPU, GPU and CPU (gloo) and cannot deadlock a collective.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -156,6 +159,49 @@ def run_on_process_0(name: str, work: Callable[[], None], *, timeout_s: float, w
     message = _try_get(error_key)
     if message is not None:
         raise MultihostError(f"process 0 failed to {what}: {message}")
+
+
+TOPOLOGY_FILENAME = "topology.json"
+
+
+def current_topology() -> Dict[str, int]:
+    """{'process_count', 'device_count'} of this job."""
+    return {"process_count": jax.process_count(), "device_count": jax.device_count()}
+
+
+def write_topology(workdir: str) -> None:
+    """Records this job's process and device count in ``<workdir>/topology.json`` (process 0)."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, TOPOLOGY_FILENAME)
+    with open(path + ".tmp", "w") as f:
+        json.dump(current_topology(), f)
+    os.replace(path + ".tmp", path)
+
+
+def topology_change(workdir: str, step: int) -> Optional[str]:
+    """A warning when the workdir was trained by another number of processes, else None.
+
+    The data order depends on the process count (each process reads its own
+    ``tfds.even_splits`` slice), so the resumed run continues with another order.
+    """
+    path = os.path.join(workdir, TOPOLOGY_FILENAME)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    now = current_topology()
+    if saved.get("process_count") == now["process_count"]:
+        return None
+    before, after = _describe(saved), _describe(now)
+    return (f"resuming step {step} of a run trained by {before} on {after}: the checkpoint is restored onto the "
+            f"new mesh, but the data order from here on is that of {now['process_count']} process(es) (each reads "
+            f"its own slice); resume on {saved.get('process_count')} process(es) for the exact order "
+            f"(docs/multihost.md)")
+
+
+def _describe(topology: Dict[str, int]) -> str:
+    return f"{topology.get('process_count')} process(es) x {topology.get('device_count')} devices"
 
 
 def _try_get(key: str) -> Optional[str]:

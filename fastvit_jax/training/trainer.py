@@ -259,6 +259,8 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
     state, resumed_from = _initial_state(config, model, tx, shardings, abstract_state, checkpointer, init_rng)
     start_step = int(jax.device_get(state.step))
     log.info("state ready at step %d (%.1fs since start)", start_step, time.perf_counter() - t_start)
+    if resumed_from is not None and (change := multihost.topology_change(config.workdir, resumed_from)):
+        log.warning(change)
 
     # ---- Data, from the state's step on (same order as an uninterrupted run).
     dataset = make_train_dataset(
@@ -290,6 +292,7 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
         train_log.flush(step)  # never save a state whose loss was not checked
         if is_main:  # binds the workdir to this config once it holds a checkpoint, not before
             write_workdir_config(config.workdir, config)
+            multihost.write_topology(config.workdir)
         if checkpointer.save(step, state):
             train_log.last_checkpoint = step
 
