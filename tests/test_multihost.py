@@ -223,7 +223,8 @@ def test_kill_of_one_process_ends_the_other_within_the_timeout_naming_it(tmp_pat
     assert re.search(r"^\[p0\] error: process 1 stopped responding \(no heartbeat for 1\ds, --distributed_timeout "
                      rf"{LOST_PEER_TIMEOUT_S}\); this is process 0 of 2\. Rerun the same command on every host to "
                      r"resume from step 3 \(", text, re.M), text[-3000:]
-    assert LOST_PEER_TIMEOUT_S <= seconds < LOST_PEER_TIMEOUT_S + 15, seconds
+    # The peer's last heartbeat may precede the kill by up to a beat, and be seen a beat late.
+    assert LOST_PEER_TIMEOUT_S - 2 <= seconds < LOST_PEER_TIMEOUT_S + 20, (seconds, text[-3000:])
 
 
 def test_demo_preparation_removes_a_crashed_runs_temporary_folder_and_names_a_broken_one(tmp_path):
