@@ -60,40 +60,69 @@ def main(argv=None) -> int:
     from fastvit_jax import host_memory
 
     host_memory.keep_freed_host_memory(args.host_malloc)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache", "orbax", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
 
     # Multi-host: must run before anything touches the JAX backend.
     from fastvit_jax.training.mesh import maybe_initialize_distributed
 
     maybe_initialize_distributed()
+    return run(lambda: config_from_args(args))
 
+
+def configure_logging() -> None:
+    """INFO from this project; warnings only from the libraries; orbax's re-raised thread errors dropped."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache", "orbax", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not os.environ.get("FASTVIT_DEBUG"):
+        from fastvit_jax.training.checkpoint import OrbaxThreadErrors
+
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(OrbaxThreadErrors())
+
+
+def run(make_config, *, model_fn=None, step_callback=None) -> int:
+    """Builds the config, trains (or evaluates) and reports; returns the exit status.
+
+    0: done or preempted (SIGTERM, checkpoint saved); 2: a problem the user can fix (bad flag,
+    missing dataset or checkpoint, changed config, file system full/unwritable), one line on
+    stderr; 3: the loss became NaN/inf. ``make_config()`` runs inside the error handling, so a
+    bad flag is reported like the rest. ``model_fn``/``step_callback`` go to
+    ``train_and_evaluate`` (None: its defaults).
+    """
     from fastvit_jax.data.pipeline import DatasetNotFoundError
-    from fastvit_jax.training.checkpoint import CheckpointError
+    from fastvit_jax.io import WriteError, describe_os_error
+    from fastvit_jax.training.checkpoint import CheckpointError, file_system_error
     from fastvit_jax.training.config import ConfigMismatchError
     from fastvit_jax.training.evaluate import evaluate_checkpoint
     from fastvit_jax.training.trainer import NonFiniteLossError, train_and_evaluate
 
+    def fail(message: str, status: int = 2) -> int:
+        if os.environ.get("FASTVIT_DEBUG"):
+            raise
+        hint = "" if status == 3 else "\n(set FASTVIT_DEBUG=1 for the traceback)"
+        print(f"error: {message}{hint}", file=sys.stderr)
+        return status
+
     try:
-        config = config_from_args(args)
+        config = make_config()
         if config.eval_only:
             config.validate()
             m = evaluate_checkpoint(config)
             print(json.dumps({k: round(v, 6) for k, v in m.items()}, indent=2))
             return 0
-        res = train_and_evaluate(config)
-    except DatasetNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ConfigMismatchError, CheckpointError, ValueError, FileNotFoundError) as e:
-        if os.environ.get("FASTVIT_DEBUG"):
-            raise
-        print(f"error: {e}\n(set FASTVIT_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
+        kwargs = {k: v for k, v in (("model_fn", model_fn), ("step_callback", step_callback)) if v is not None}
+        res = train_and_evaluate(config, **kwargs)
+    except (DatasetNotFoundError, ConfigMismatchError, CheckpointError, WriteError, ValueError,
+            FileNotFoundError) as e:
+        return fail(str(e))
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return fail(str(e), status=3)
+    except OSError as e:
+        cause = file_system_error(e)
+        if cause is None:
+            raise
+        return fail(describe_os_error(e.filename or os.getcwd(), cause))
     if res.preempted:
         print(f"preempted at step {res.final_step}; rerun the same command to resume from {res.workdir}")
         return 0

@@ -104,8 +104,9 @@ def same_file(a: str, b: str) -> bool:
         return False
 
 
-def _describe_os_error(path: str, error: OSError, size_hint: Optional[int]) -> str:
-    directory = os.path.dirname(path)
+def describe_os_error(path: str, error: OSError, size_hint: Optional[int] = None) -> str:
+    """One line naming ``path`` and the cause of ``error`` (no space with the sizes, permission, read-only)."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
     if error.errno == errno.ENOSPC:
         free = shutil.disk_usage(directory).free
         need = f"needs about {size_hint / 2**20:.1f} MiB, " if size_hint else ""
@@ -146,7 +147,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], Any], *, ov
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as e:
-        raise WriteError(_describe_os_error(path, e, size_hint)) from e
+        raise WriteError(describe_os_error(path, e, size_hint)) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

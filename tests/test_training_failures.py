@@ -1,0 +1,143 @@
+"""The trainer CLI under file-system failures: one line on stderr, exit 2, nothing lost.
+
+The CLI's error handling (``train_tpu.run``) runs in a subprocess on the tiny test model
+(``tests/trainer_worker.py``). Full and read-only file systems are real: a small tmpfs mounted
+in a user + mount namespace (``unshare -rm``), skipped with the reason where the kernel or the
+CI user does not allow one.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from test_training_e2e import _config, _fake_imagenet  # noqa: E402  (tests/ is on sys.path)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "trainer_worker.py")
+
+
+def _namespace_tmpfs_works(tmp_path) -> str:
+    """'' when ``unshare -rm`` can mount a tmpfs here, else the reason it cannot."""
+    if shutil.which("unshare") is None:
+        return "no unshare(1) on this machine"
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {probe}"],
+                       capture_output=True, text=True)
+    return "" if r.returncode == 0 else f"cannot mount a tmpfs in a user namespace: {r.stderr.strip()}"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return _fake_imagenet(tmp_path_factory, "training_tfds", per_class=4)
+
+
+def _worker_config(data_dir, workdir, tmp_path, name="config.json", **kw):
+    """The tiny model's run (10 steps, checkpoints at 5 and 10) as the worker's JSON file."""
+    cfg = _config(data_dir, workdir, export=False, plot=False, mixup=0.0, cutmix=0.0, **kw)
+    overrides = {k: v for k, v in cfg.to_dict().items() if k != "variant"}
+    path = tmp_path / name
+    path.write_text(json.dumps(overrides))
+    return path
+
+
+def _in_namespace(script: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("FASTVIT_DEBUG", None)
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def _assert_one_line_error(stderr: str, pattern: str) -> None:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert re.search(pattern, errors[0]), errors[0]
+
+
+def test_disk_full_during_a_checkpoint(data_dir, tmp_path):
+    """Step 10's checkpoint meets a full disk: exit 2, one line with the space needed, the partial
+    save removed, step 5 intact; once space is freed the same command resumes from step 5."""
+    reason = _namespace_tmpfs_works(tmp_path)
+    if reason:
+        pytest.skip(reason)
+    mnt, logs = tmp_path / "mnt", tmp_path / "logs"
+    mnt.mkdir(), logs.mkdir()
+    cfg = _worker_config(data_dir, mnt / "wd", tmp_path)
+    py = f"{sys.executable} {WORKER} {cfg}"
+    r = _in_namespace(f"""
+        mount -t tmpfs -o size=32m tmpfs {mnt} || exit 90
+        {py} --fill_disk_after 6 --leave_free 32768 > {logs}/1.out 2> {logs}/1.err; echo $? > {logs}/1.rc
+        ls -a {mnt}/wd/checkpoints > {logs}/1.ls
+        rm {mnt}/wd/filler
+        {py} > {logs}/2.out 2> {logs}/2.err; echo $? > {logs}/2.rc
+        ls -a {mnt}/wd/checkpoints > {logs}/2.ls
+        cat {mnt}/wd/metrics.jsonl > {logs}/metrics.jsonl
+    """)
+    assert r.returncode == 0, r.stderr
+    err1 = (logs / "1.err").read_text()
+    assert (logs / "1.rc").read_text().strip() == "2", err1[-3000:]
+    _assert_one_line_error(err1, r"checkpoint step 10 not saved: .*no space left on the device \(needs about "
+                                 r"[0-9.]+ MiB, [0-9.]+ MiB free .*\); the partial save was removed and "
+                                 r"checkpoint step 5 is intact; once that is fixed, rerun the same command")
+    assert (logs / "1.ls").read_text().split() == [".", "..", "5"]  # no *.orbax-checkpoint-tmp left
+
+    err2 = (logs / "2.err").read_text()
+    assert (logs / "2.rc").read_text().strip() == "0", err2[-3000:]
+    assert "resumed from" in err2 and "step 5" in err2
+    assert "5" in (logs / "2.ls").read_text().split() and "10" in (logs / "2.ls").read_text().split()
+    steps = [json.loads(line)["step"] for line in (logs / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 11))  # each step once, although 6-9 were logged before the failure
+
+
+def test_read_only_workdir(data_dir, tmp_path):
+    reason = _namespace_tmpfs_works(tmp_path)
+    if reason:
+        pytest.skip(reason)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cfg = _worker_config(data_dir, mnt / "wd", tmp_path)
+    r = _in_namespace(f"mount -t tmpfs -o ro,size=1m tmpfs {mnt} || exit 90\n"
+                      f"exec {sys.executable} {WORKER} {cfg}")
+    assert r.returncode == 2, r.stderr[-3000:]
+    _assert_one_line_error(r.stderr, re.escape(f"cannot write to the --workdir {str(mnt / 'wd')!r}: "
+                                               "read-only file system"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to a directory without write permission")
+def test_workdir_without_write_permission(data_dir, tmp_path):
+    parent = tmp_path / "locked"
+    parent.mkdir(mode=0o555)
+    cfg = _worker_config(data_dir, parent / "wd", tmp_path)
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, WORKER, str(cfg)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2, r.stderr[-3000:]
+    _assert_one_line_error(r.stderr, re.escape(f"cannot write to the --workdir {str(parent / 'wd')!r}: "
+                                               "permission denied"))
+
+
+def test_export_never_overwrites_the_init_from_file(tmp_path):
+    """--init_from naming the file the export would write: refused, the file byte-identical."""
+    import jax
+
+    import fastvit_jax
+    from fastvit_jax.io import WriteError
+    from fastvit_jax.training.config import get_config
+    from fastvit_jax.training.pretrained import export_fused
+
+    model = fastvit_jax.create_model("t8", num_classes=10)
+    variables = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
+    cfg = get_config("t8", dataset="demo", num_classes=10, image_size=64, workdir=str(tmp_path))
+    target = export_fused(str(tmp_path), variables, cfg, step=1)
+    before = open(target, "rb").read()
+    with pytest.raises(WriteError, match=re.escape(f"output {target!r} is the input file")):
+        export_fused(str(tmp_path), variables, cfg.replace(init_from=target), step=2)
+    assert open(target, "rb").read() == before
+    assert sorted(os.listdir(os.path.dirname(target))) == [os.path.basename(target)]  # no temp file
