@@ -70,15 +70,17 @@ def main(argv=None) -> int:
 
 
 def configure_logging() -> None:
-    """INFO from this project; warnings only from the libraries; orbax's re-raised thread errors dropped."""
+    """INFO from this project, warnings from the libraries; without FASTVIT_DEBUG, the tracebacks of
+    orbax's failed background writes and abandoned reads are dropped (the trainer reports the error)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache", "orbax", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not os.environ.get("FASTVIT_DEBUG"):
-        from fastvit_jax.training.checkpoint import OrbaxThreadErrors
+    if not os.environ.get("FASTVIT_DEBUG"):  # errors the trainer reports as one line, not as tracebacks
+        from fastvit_jax.training.checkpoint import OrbaxThreadErrors, drop_abandoned_read_callbacks
 
         for name in ("absl", "asyncio"):
             logging.getLogger(name).addFilter(OrbaxThreadErrors())
+        sys.unraisablehook = drop_abandoned_read_callbacks(sys.unraisablehook)
 
 
 def run(make_config, *, model_fn=None, step_callback=None) -> int:
@@ -87,8 +89,8 @@ def run(make_config, *, model_fn=None, step_callback=None) -> int:
     0: done or preempted (SIGTERM, checkpoint saved); 2: a problem the user can fix (bad flag,
     missing dataset or checkpoint, changed config, file system full/unwritable), one line on
     stderr; 3: the loss became NaN/inf. ``make_config()`` runs inside the error handling, so a
-    bad flag is reported like the rest. ``model_fn``/``step_callback`` go to
-    ``train_and_evaluate`` (None: its defaults).
+    bad flag is reported like the rest. ``model_fn`` goes to ``train_and_evaluate`` and
+    ``evaluate_checkpoint``, ``step_callback`` to ``train_and_evaluate`` (None: their defaults).
     """
     from fastvit_jax.data.pipeline import DatasetNotFoundError
     from fastvit_jax.io import WriteError, describe_os_error
@@ -106,13 +108,14 @@ def run(make_config, *, model_fn=None, step_callback=None) -> int:
 
     try:
         config = make_config()
+        model_kwargs = {"model_fn": model_fn} if model_fn is not None else {}
         if config.eval_only:
             config.validate()
-            m = evaluate_checkpoint(config)
+            m = evaluate_checkpoint(config, **model_kwargs)
             print(json.dumps({k: round(v, 6) for k, v in m.items()}, indent=2))
             return 0
-        kwargs = {k: v for k, v in (("model_fn", model_fn), ("step_callback", step_callback)) if v is not None}
-        res = train_and_evaluate(config, **kwargs)
+        callback_kwargs = {"step_callback": step_callback} if step_callback is not None else {}
+        res = train_and_evaluate(config, **model_kwargs, **callback_kwargs)
     except (DatasetNotFoundError, ConfigMismatchError, CheckpointError, WriteError, ValueError,
             FileNotFoundError) as e:
         return fail(str(e))

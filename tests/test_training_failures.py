@@ -141,3 +141,43 @@ def test_export_never_overwrites_the_init_from_file(tmp_path):
         export_fused(str(tmp_path), variables, cfg.replace(init_from=target), step=2)
     assert open(target, "rb").read() == before
     assert sorted(os.listdir(os.path.dirname(target))) == [os.path.basename(target)]  # no temp file
+
+
+def _worker(cfg, *extra, timeout=600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("FASTVIT_DEBUG", None)
+    return subprocess.run([sys.executable, WORKER, str(cfg), *extra], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_a_corrupt_newest_checkpoint_does_not_block_resume_or_eval_only(data_dir, tmp_path):
+    """Through the CLI: --eval_only and a restart skip a damaged newest step (moved aside, one
+    warning line); when no step is readable, exit 2 names every step tried."""
+    from test_training_units import _damage  # noqa: E402
+
+    wd = tmp_path / "wd"
+    train = _worker_config(data_dir, wd, tmp_path)
+    evaluate = _worker_config(data_dir, wd, tmp_path, name="eval.json", eval_only=True)
+    r = _worker(train)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _damage(wd / "checkpoints" / "10", "truncated data")
+
+    r = _worker(evaluate)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["num_examples"] == 8
+    moved = [n for n in os.listdir(wd / "checkpoints") if n.startswith("10.corrupt-")]
+    assert len(moved) == 1 and sorted(n for n in os.listdir(wd / "checkpoints") if n.isdigit()) == ["5"]
+    warning = [line for line in r.stderr.splitlines() if "checkpoint step 10 is unreadable" in line]
+    assert len(warning) == 1 and moved[0] in warning[0] and "Traceback" not in r.stderr
+
+    r = _worker(train)  # the same command resumes from step 5
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "step 5" in r.stderr
+
+    for step in ("5", "10"):
+        _damage(wd / "checkpoints" / step, "truncated data")
+    r = _worker(train)
+    assert r.returncode == 2, r.stderr[-3000:]
+    _assert_one_line_error(r.stderr, r"no readable checkpoint in .*; tried step 10: .*; step 5: .* \(the unreadable "
+                                     r"ones were moved aside as <step>\.corrupt-<time>\)")
+    assert not [n for n in os.listdir(wd / "checkpoints") if n.isdigit()]

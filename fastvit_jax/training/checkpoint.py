@@ -96,6 +96,22 @@ class OrbaxThreadErrors(logging.Filter):
 _ORBAX_SOURCE = f"{os.sep}orbax{os.sep}"
 
 
+def drop_abandoned_read_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A ``sys.unraisablehook`` that ignores "Event loop is closed" from asyncio's call_soon_threadsafe.
+
+    After a failed restore, orbax closes its event loop while tensorstore still completes the
+    abandoned reads; their callbacks then raise into the void (one traceback per array). Every
+    other unraisable exception goes to ``previous``.
+    """
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    return hook
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
