@@ -93,8 +93,8 @@ def run(make_config, *, model_fn=None, step_callback=None) -> int:
     ``evaluate_checkpoint``, ``step_callback`` to ``train_and_evaluate`` (None: their defaults).
     """
     from fastvit_jax.data.pipeline import DatasetNotFoundError
-    from fastvit_jax.io import WriteError, describe_os_error
-    from fastvit_jax.training.checkpoint import CheckpointError, file_system_error
+    from fastvit_jax.io import WriteError, describe_os_error, file_system_error
+    from fastvit_jax.training.checkpoint import CheckpointError
     from fastvit_jax.training.config import ConfigMismatchError
     from fastvit_jax.training.evaluate import evaluate_checkpoint
     from fastvit_jax.training.trainer import NonFiniteLossError, train_and_evaluate

@@ -9,7 +9,6 @@ CI user does not allow one.
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -17,20 +16,10 @@ import numpy as np
 import pytest
 
 from test_training_e2e import _config, _fake_imagenet  # noqa: E402  (tests/ is on sys.path)
+from tmpfs import run_with_tmpfs, tmpfs_unavailable  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "trainer_worker.py")
-
-
-def _namespace_tmpfs_works(tmp_path) -> str:
-    """'' when ``unshare -rm`` can mount a tmpfs here, else the reason it cannot."""
-    if shutil.which("unshare") is None:
-        return "no unshare(1) on this machine"
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {probe}"],
-                       capture_output=True, text=True)
-    return "" if r.returncode == 0 else f"cannot mount a tmpfs in a user namespace: {r.stderr.strip()}"
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +36,6 @@ def _worker_config(data_dir, workdir, tmp_path, name="config.json", **kw):
     return path
 
 
-def _in_namespace(script: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("FASTVIT_DEBUG", None)
-    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-
-
 def _assert_one_line_error(stderr: str, pattern: str) -> None:
     assert "Traceback" not in stderr, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
@@ -64,14 +46,14 @@ def _assert_one_line_error(stderr: str, pattern: str) -> None:
 def test_disk_full_during_a_checkpoint(data_dir, tmp_path):
     """Step 10's checkpoint meets a full disk: exit 2, one line with the space needed, the partial
     save removed, step 5 intact; once space is freed the same command resumes from step 5."""
-    reason = _namespace_tmpfs_works(tmp_path)
+    reason = tmpfs_unavailable(tmp_path)
     if reason:
         pytest.skip(reason)
     mnt, logs = tmp_path / "mnt", tmp_path / "logs"
     mnt.mkdir(), logs.mkdir()
     cfg = _worker_config(data_dir, mnt / "wd", tmp_path)
     py = f"{sys.executable} {WORKER} {cfg}"
-    r = _in_namespace(f"""
+    r = run_with_tmpfs(f"""
         mount -t tmpfs -o size=32m tmpfs {mnt} || exit 90
         {py} --fill_disk_after 6 --leave_free 32768 > {logs}/1.out 2> {logs}/1.err; echo $? > {logs}/1.rc
         ls -a {mnt}/wd/checkpoints > {logs}/1.ls
@@ -98,13 +80,13 @@ def test_disk_full_during_a_checkpoint(data_dir, tmp_path):
 
 
 def test_read_only_workdir(data_dir, tmp_path):
-    reason = _namespace_tmpfs_works(tmp_path)
+    reason = tmpfs_unavailable(tmp_path)
     if reason:
         pytest.skip(reason)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     cfg = _worker_config(data_dir, mnt / "wd", tmp_path)
-    r = _in_namespace(f"mount -t tmpfs -o ro,size=1m tmpfs {mnt} || exit 90\n"
+    r = run_with_tmpfs(f"mount -t tmpfs -o ro,size=1m tmpfs {mnt} || exit 90\n"
                       f"exec {sys.executable} {WORKER} {cfg}")
     assert r.returncode == 2, r.stderr[-3000:]
     _assert_one_line_error(r.stderr, re.escape(f"cannot write to the --workdir {str(mnt / 'wd')!r}: "

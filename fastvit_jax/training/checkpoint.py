@@ -15,11 +15,9 @@ thread re-raises them; ``OrbaxThreadErrors`` is the logging filter that drops th
 
 from __future__ import annotations
 
-import errno
 import glob
 import logging
 import os
-import re
 import shutil
 import time
 import traceback
@@ -28,7 +26,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import jax
 import orbax.checkpoint as ocp
 
-from fastvit_jax.io import WriteError, describe_os_error
+from fastvit_jax.io import WriteError, describe_os_error, file_system_error
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 
@@ -41,26 +39,6 @@ class CheckpointError(RuntimeError):
 
 class CheckpointWriteError(WriteError):
     """A checkpoint could not be written; the message names the step, directory, cause and space needed."""
-
-
-# tensorstore reports file-system failures as ValueError("... [os_error_code='28']").
-_TENSORSTORE_ERRNO = re.compile(r"os_error_code='(\d+)'")
-_FILE_SYSTEM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
-
-
-def file_system_error(error: BaseException) -> Optional[OSError]:
-    """The file-system ``OSError`` behind ``error`` (its cause chain or a tensorstore message), or None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in _FILE_SYSTEM_ERRNOS:
-            return error
-        match = _TENSORSTORE_ERRNO.search(str(error))
-        if match and int(match.group(1)) in _FILE_SYSTEM_ERRNOS:
-            code = int(match.group(1))
-            return OSError(code, os.strerror(code))
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def remove_partial_saves(directory: str) -> List[str]:
