@@ -55,7 +55,7 @@ def slug(heading: str) -> str:
 
 def anchors(md_path: str) -> set:
     with open(md_path, encoding="utf-8") as f:
-        text = _strip_code(f.read())
+        text = _strip_fences(f.read())
     out, seen = set(), {}
     for m in re.finditer(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, flags=re.M):
         s = slug(m.group(1))
@@ -64,9 +64,13 @@ def anchors(md_path: str) -> set:
     return out
 
 
+def _strip_fences(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
 def _strip_code(text: str) -> str:
-    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
-    return re.sub(r"`[^`\n]*`", "", text)
+    """Text without fenced blocks and inline code spans (which hold examples, not links)."""
+    return re.sub(r"`[^`\n]*`", "", _strip_fences(text))
 
 
 def _md_files():
