@@ -66,13 +66,16 @@ def _bars(ax, groups: Sequence[str], series: List[tuple], ylabel: str, fmt: str 
         if not pts:
             continue
         bars = ax.bar([p[0] for p in pts], [p[1] for p in pts], width, label=label, color=colour)
-        ax.bar_label(bars, labels=[fmt.format(p[1]) for p in pts], fontsize=7, padding=2)
+        labels = [fmt.format(p[1]) for p in pts]
+        ax.bar_label(bars, labels=labels, fontsize=7, padding=2,
+                     rotation=90 if max(len(t) for t in labels) > 4 else 0)  # long numbers side by side
+    ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
-    ax.margins(y=0.12)
+    ax.margins(y=0.18)
 
 
 def _finish(fig, axes, title: str) -> None:
