@@ -160,7 +160,10 @@ def test_arbitrary_pickle_is_not_executed(tmp_path, capsys):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": Evil()}, f)
-    _bad(tmp_path, capsys, path, "weights_only=True")
+    _bad(tmp_path, capsys, path, "weights_only=True", "nothing in it was run")
+    torch.save({"state_dict": Evil()}, path)  # what a malicious .pth usually is: a zip whose pickle calls a global
+    rc, _, err = _run(torch2flax.main, [path, tmp_path / "out.safetensors"], capsys)
+    assert rc == 2 and "unsupported GLOBAL posix.system" in err and "weights_only` set to `False`" not in err, err
 
 
 def test_non_tensor_entries(tmp_path, capsys):
