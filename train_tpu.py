@@ -106,6 +106,7 @@ def run(make_config, *, model_fn=None, step_callback=None) -> int:
         print(f"error: {message}{hint}", file=sys.stderr)
         return status
 
+    config = None
     try:
         config = make_config()
         model_kwargs = {"model_fn": model_fn} if model_fn is not None else {}
@@ -121,11 +122,12 @@ def run(make_config, *, model_fn=None, step_callback=None) -> int:
         return fail(str(e))
     except NonFiniteLossError as e:
         return fail(str(e), status=3)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - file-system failures of any writer (TensorBoard's are TF errors)
         cause = file_system_error(e)
         if cause is None:
             raise
-        return fail(describe_os_error(e.filename or os.getcwd(), cause))
+        where = cause.filename or getattr(e, "filename", None) or (config.workdir if config else os.getcwd())
+        return fail(describe_os_error(where, cause))
     if res.preempted:
         print(f"preempted at step {res.final_step}; rerun the same command to resume from {res.workdir}")
         return 0

@@ -114,17 +114,22 @@ _FILE_SYSTEM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, er
 def file_system_error(error: BaseException) -> Optional[OSError]:
     """The file-system ``OSError`` (no space, quota, permission, read-only) behind ``error``, or None.
 
-    Looks through the cause chain and the messages of native writers (tensorstore, safetensors).
+    Looks through the cause chain and the messages of native writers (tensorstore, safetensors,
+    TensorFlow), which carry the errno or its text rather than raising OSError.
     """
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in _FILE_SYSTEM_ERRNOS:
             return error
-        match = _NATIVE_ERRNO.search(str(error))
+        text = str(error)
+        match = _NATIVE_ERRNO.search(text)
         if match and int(match.group(1) or match.group(2)) in _FILE_SYSTEM_ERRNOS:
             code = int(match.group(1) or match.group(2))
             return OSError(code, os.strerror(code))
+        for code in _FILE_SYSTEM_ERRNOS:  # e.g. TensorFlow's ResourceExhaustedError("... No space left on device")
+            if os.strerror(code) in text:
+                return OSError(code, os.strerror(code))
         error = error.__cause__ or error.__context__
     return None
 
