@@ -62,9 +62,7 @@ def main(argv=None) -> int:
     from fastvit_jax import host_memory
 
     host_memory.keep_freed_host_memory(args.host_malloc)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache", "orbax", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
 
     # Multi-host: must run before anything touches the JAX backend.
     from fastvit_jax.training.config import TrainConfig
@@ -76,36 +74,74 @@ def main(argv=None) -> int:
     except MultihostError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_PEER_LOST
+    return run(lambda: config_from_args(args))
 
+
+def configure_logging() -> None:
+    """INFO from this project, warnings from the libraries; without FASTVIT_DEBUG, the tracebacks of
+    orbax's failed background writes and abandoned reads are dropped (the trainer reports the error)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache", "orbax", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not os.environ.get("FASTVIT_DEBUG"):  # errors the trainer reports as one line, not as tracebacks
+        from fastvit_jax.training.checkpoint import OrbaxThreadErrors, drop_abandoned_read_callbacks
+
+        for name in ("absl", "asyncio"):
+            logging.getLogger(name).addFilter(OrbaxThreadErrors())
+        sys.unraisablehook = drop_abandoned_read_callbacks(sys.unraisablehook)
+
+
+def run(make_config, *, model_fn=None, step_callback=None) -> int:
+    """Builds the config, trains (or evaluates) and reports; returns the exit status.
+
+    0: done or preempted (SIGTERM, checkpoint saved); 2: a problem the user can fix (bad flag,
+    missing dataset or checkpoint, changed config, file system full/unwritable), one line on
+    stderr; 3: the loss became NaN/inf; 4: the processes of a multi-process job did not meet
+    (a barrier timed out, process 0 failed to prepare the data; a lost peer exits with 4 from
+    the trainer's watchdog). ``make_config()`` runs inside the error handling, so a
+    bad flag is reported like the rest. ``model_fn`` goes to ``train_and_evaluate`` and
+    ``evaluate_checkpoint``, ``step_callback`` to ``train_and_evaluate`` (None: their defaults).
+    """
     from fastvit_jax.data.demo import DatasetPreparationError
     from fastvit_jax.data.pipeline import DatasetNotFoundError
+    from fastvit_jax.io import WriteError, describe_os_error, file_system_error
     from fastvit_jax.training.checkpoint import CheckpointError
     from fastvit_jax.training.config import ConfigMismatchError
     from fastvit_jax.training.evaluate import evaluate_checkpoint
+    from fastvit_jax.training.multihost import EXIT_PEER_LOST, MultihostError
     from fastvit_jax.training.trainer import NonFiniteLossError, train_and_evaluate
 
-    try:
-        config = config_from_args(args)
-        if config.eval_only:
-            config.validate()
-            m = evaluate_checkpoint(config)
-            print(json.dumps({k: round(v, 6) for k, v in m.items()}, indent=2))
-            return 0
-        res = train_and_evaluate(config)
-    except DatasetNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except MultihostError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_PEER_LOST
-    except (ConfigMismatchError, CheckpointError, DatasetPreparationError, ValueError, FileNotFoundError) as e:
+    def fail(message: str, status: int = 2) -> int:
         if os.environ.get("FASTVIT_DEBUG"):
             raise
-        print(f"error: {e}\n(set FASTVIT_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
+        hint = "" if status == 3 else "\n(set FASTVIT_DEBUG=1 for the traceback)"
+        print(f"error: {message}{hint}", file=sys.stderr)
+        return status
+
+    config = None
+    try:
+        config = make_config()
+        model_kwargs = {"model_fn": model_fn} if model_fn is not None else {}
+        if config.eval_only:
+            config.validate()
+            m = evaluate_checkpoint(config, **model_kwargs)
+            print(json.dumps({k: round(v, 6) for k, v in m.items()}, indent=2))
+            return 0
+        callback_kwargs = {"step_callback": step_callback} if step_callback is not None else {}
+        res = train_and_evaluate(config, **model_kwargs, **callback_kwargs)
+    except (DatasetNotFoundError, ConfigMismatchError, CheckpointError, WriteError, DatasetPreparationError,
+            ValueError, FileNotFoundError) as e:
+        return fail(str(e))
+    except MultihostError as e:
+        return fail(str(e), status=EXIT_PEER_LOST)
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return fail(str(e), status=3)
+    except Exception as e:  # noqa: BLE001 - file-system failures of any writer (TensorBoard's are TF errors)
+        cause = file_system_error(e)
+        if cause is None:
+            raise
+        where = cause.filename or getattr(e, "filename", None) or (config.workdir if config else os.getcwd())
+        return fail(describe_os_error(where, cause))
     if res.preempted:
         print(f"preempted at step {res.final_step}; rerun the same command to resume from {res.workdir}")
         return 0

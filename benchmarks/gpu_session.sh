@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The benchmarks on one GPU, sized for a short lease (~8 minutes on an H100/H200):
+# The benchmarks on one GPU, sized for a short GPU session (~8 minutes on an H100/H200):
 #   OUT=/some/dir bash benchmarks/gpu_session.sh
 # Runs under the machine's own python3 and packages (jax with a CUDA plugin, flax, optax, torch;
 # not this project's CPU pins), JAX in bfloat16 and PyTorch under CUDA autocast bfloat16. Each step
 # has its own time limit and writes its JSON under $OUT, its Markdown into $OUT/report.md and its stderr into
-# $OUT/log.txt (at most 8 files come back from a lease), so a step cut off loses only itself.
+# $OUT/log.txt (at most 8 files come back from a remote session), so a step cut off loses only itself.
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"

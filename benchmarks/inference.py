@@ -51,7 +51,7 @@ JAX_EXPERIMENTS = {
 EXPERIMENT_NOTES = {
     "jax+vw512": "XLA option xla_cpu_prefer_vector_width=512 (AVX-512 codegen for the fused loops)",
     "jax+nn_gelu": "fastvit_jax.layers.gelu (0.5·x·(1+erf(x/√2))) replaced by jax.nn.gelu(approximate=False), the "
-                   "same function through erfc, which XLA:CPU expands expensively (the default before 2026-11-25)",
+                   "same function through erfc, which XLA:CPU expands into several costlier fusions",
     "jax+2chains": "the batch as two independent halves in one jitted call: XLA:CPU runs their ops side by side, "
                    "so single-threaded ops (YNNPACK's stem conv) keep both cores busy",
     "jax+shift": "depthwise/grouped convs as shifted multiply-adds instead of the native conv",

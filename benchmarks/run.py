@@ -10,6 +10,9 @@ ONNX Runtime, LiteRT, PyTorch on the fused model). The same command runs
 on a GPU/TPU host (JAX bfloat16, torch CUDA autocast; MFU from the jaxpr's conv+dot count and
 ``--peak_tflops`` or the table in ``benchmarks.common``).
 
+Beside the JSON it writes PNG charts (``benchmarks.plots``): img/s per variant and implementation,
+fused and unfused; the training step; the per-block time, JAX against PyTorch.
+
 Numbers on a shared machine are noisy: every section records the load average before and
 after; implementations are timed round-robin so ratios are fairer than absolute numbers.
 """
@@ -166,11 +169,21 @@ def main(argv=None):
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     out = args.out or os.path.join(common.RESULTS_DIR, f"{report['mode']}-{stamp}.json")
     common.write_json(report, out)
-    if not args.out:
-        common.write_json(report, os.path.join(common.RESULTS_DIR, f"latest-{report['mode']}.json"))
-        with open(os.path.join(common.RESULTS_DIR, f"latest-{report['mode']}.md"), "w") as f:
+    from benchmarks import plots
+
+    if args.out:  # charts beside the given JSON: <name>-inference.png, ...
+        charts = plots.write_charts(report, os.path.dirname(os.path.abspath(out)),
+                                    os.path.splitext(os.path.basename(out))[0])
+    else:  # beside latest-<mode>.md, which shows them
+        prefix = f"latest-{report['mode']}"
+        charts = plots.write_charts(report, common.RESULTS_DIR, prefix)
+        md += "\n" + "\n".join(f"![{os.path.basename(c)}]({os.path.basename(c)})" for c in charts) + "\n"
+        common.write_json(report, os.path.join(common.RESULTS_DIR, f"{prefix}.json"))
+        with open(os.path.join(common.RESULTS_DIR, f"{prefix}.md"), "w") as f:
             f.write(md + "\n")
     print(md)
+    for c in charts:
+        common.log(f"wrote {c}")
     common.log(f"wrote {out}")
     return report
 

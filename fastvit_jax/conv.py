@@ -4,7 +4,8 @@ XLA's CPU backend runs grouped / depthwise convolutions through a slow generic p
 (7x7 depthwise on 8x64x64x48: 137 ms, against 4.3 ms in PyTorch). The same op written
 as k*k shifted multiply-adds, which XLA fuses into one loop, takes ~5 ms. On GPU/TPU
 the native convolution is the fast one. ``conv2d`` picks per backend; both lowerings
-compute the same function and are tested against each other.
+compute the same function and are tested against each other. Design and measurements:
+docs/performance.md#conv-lowering-per-backend.
 
 Kernels are HWIO: (kh, kw, in_channels // groups, out_channels), like ``flax.linen.Conv``.
 """
@@ -230,11 +231,12 @@ def materialize(x: jax.Array) -> jax.Array:
     Why: with the 'shift' lowering a FastViT block is elementwise work between matmuls, and
     XLA:CPU fuses cheap elementwise producers into every consumer. In a fused RepMixer stage
     (``x = dwconv3x3(x) + ls * mlp(x)``) the 3x3 conv's centre tap ``slice(pad(x))`` simplifies
-    to ``x``, and the residual stream was recomputed from the stage input inside every later
-    block: sa12's stage-2 blocks grew from 6.3 to 11.6 ms along the stage, and fused sa12 ran
-    slower than its unfused form. ``lax.optimization_barrier`` alone does not stop this
-    (XLA:CPU drops it before fusion); a conditional does, since fusion never crosses its
-    boundary.
+    to ``x``, so without a barrier every later block recomputes the residual stream from the
+    stage input inside its own fusion: sa12's six ``stages_2`` blocks then take 6.3 to 11.6 ms,
+    growing along the stage, and fused sa12 runs slower than its unfused form.
+    ``lax.optimization_barrier`` alone does not stop this (XLA:CPU drops it before fusion); a
+    conditional does, since fusion never crosses its boundary
+    (docs/performance.md#fusion-barriers-at-block-inputs).
 
     The predicate is ``isnan`` of a constant hidden behind an optimization barrier: never true,
     but not folded before the conditional simplifier runs, and replicated, so a batch-sharded

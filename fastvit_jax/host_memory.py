@@ -7,7 +7,7 @@ kernel with ``munmap`` on free, so the next call maps fresh pages and the kernel
 faults per fused forward call and 600,000 per training step; the forward ran 1.26x faster and
 the training step 1.35x faster with the settings below (0 faults per call). PyTorch's CPU
 allocator sits on the same malloc and gains as much (fused t8 channels_last 1.31x), so
-benchmarks compare the two frameworks under one setting.
+benchmarks compare the two frameworks under one setting (docs/performance.md#host-memory-on-cpu).
 
 The settings (``mallopt``): one malloc arena for all threads (``M_ARENA_MAX=1``: large
 blocks then come from the main heap), no ``mmap`` for large blocks (``M_MMAP_MAX=0``), and no

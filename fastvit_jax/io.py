@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -104,8 +105,38 @@ def same_file(a: str, b: str) -> bool:
         return False
 
 
-def _describe_os_error(path: str, error: OSError, size_hint: Optional[int]) -> str:
-    directory = os.path.dirname(path)
+# Libraries with native writers report OSErrors as text: tensorstore "[os_error_code='28']",
+# safetensors "(os error 28)".
+_NATIVE_ERRNO = re.compile(r"os_error_code='(\d+)'|\(os error (\d+)\)")
+_FILE_SYSTEM_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def file_system_error(error: BaseException) -> Optional[OSError]:
+    """The file-system ``OSError`` (no space, quota, permission, read-only) behind ``error``, or None.
+
+    Looks through the cause chain and the messages of native writers (tensorstore, safetensors,
+    TensorFlow), which carry the errno or its text rather than raising OSError.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _FILE_SYSTEM_ERRNOS:
+            return error
+        text = str(error)
+        match = _NATIVE_ERRNO.search(text)
+        if match and int(match.group(1) or match.group(2)) in _FILE_SYSTEM_ERRNOS:
+            code = int(match.group(1) or match.group(2))
+            return OSError(code, os.strerror(code))
+        for code in _FILE_SYSTEM_ERRNOS:  # e.g. TensorFlow's ResourceExhaustedError("... No space left on device")
+            if os.strerror(code) in text:
+                return OSError(code, os.strerror(code))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def describe_os_error(path: str, error: OSError, size_hint: Optional[int] = None) -> str:
+    """One line naming ``path`` and the cause of ``error`` (no space with the sizes, permission, read-only)."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
     if error.errno == errno.ENOSPC:
         free = shutil.disk_usage(directory).free
         need = f"needs about {size_hint / 2**20:.1f} MiB, " if size_hint else ""
@@ -145,8 +176,11 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], Any], *, ov
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except OSError as e:
-        raise WriteError(_describe_os_error(path, e, size_hint)) from e
+    except Exception as e:  # noqa: BLE001 - native writers raise their own types for OS errors
+        cause = e if isinstance(e, OSError) else file_system_error(e)
+        if cause is None:
+            raise
+        raise WriteError(describe_os_error(path, cause, size_hint)) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

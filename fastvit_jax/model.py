@@ -145,6 +145,8 @@ class FastVit(nn.Module):
         of them (four, or five for mci3/mci4). Stages after the last requested one are not computed.
         """
         check_input(x)
+        if not self.is_initializing():
+            check_variables_form(self.variables.get("params", {}), self.inference_mode)
         n = len(self.cfg.layers)
         wanted = sorted({i % n for i in range(n)} if out_indices is None else {_stage_index(i, n) for i in out_indices})
         x = x.astype(self.dtype)
@@ -183,6 +185,24 @@ def check_input(x: jax.Array) -> None:
     if shape[-1] != 3:
         raise ValueError(f"FastViT takes RGB input with 3 channels last (B, H, W, 3); got {shape} "
                          f"({shape[-1]} channels): convert grey or RGBA images to RGB")
+
+
+def check_variables_form(params: Any, inference_mode: bool) -> None:
+    """Fused variables need ``inference_mode=True``, train-form ones ``False``; else a ValueError saying so.
+
+    The form is read from the first stem block: fused blocks hold one ``reparam_conv``.
+    """
+    stem = params.get("stem_0") if hasattr(params, "get") else None
+    if not stem:
+        return
+    fused = "reparam_conv" in stem
+    if fused and not inference_mode:
+        raise ValueError("these variables are the fused (inference) form: build the model with "
+                         "create_model(..., inference_mode=True), or pass the train-form variables")
+    if not fused and inference_mode:
+        raise ValueError("these variables are the train (unfused) form but the model has inference_mode=True: "
+                         "fuse them first with fastvit_jax.reparameterize(variables), or build the model with "
+                         "inference_mode=False")
 
 
 def _stage_index(index: int, num_stages: int) -> int:

@@ -6,7 +6,8 @@ returns the tree that ``create_model(variant, inference_mode=True).init`` makes.
 types are recognised by their submodule names (the same names as torch_ref/timm), so
 the walk needs no variant config; what is not a branch of a fused block (a squeeze-excite
 after the large-kernel conv, the MobileCLIP towers' LayerNorm2d) is kept as it is. All fusion
-uses running statistics: the fused model equals the train-form model in eval mode.
+uses running statistics: the fused model equals the train-form model in eval mode. The algebra
+of each block: docs/architecture.md#reparameterization.
 """
 
 from __future__ import annotations

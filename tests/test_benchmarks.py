@@ -29,11 +29,11 @@ def report(tmp_path_factory):
             "--lowering", "native", "--deploy_batch_sizes", "2",
             "--data_dir", str(tmp / "tfds")]
     rep = run.main(args)
-    return rep, json.loads(out.read_text()), run.to_markdown(rep)
+    return rep, json.loads(out.read_text()), run.to_markdown(rep), tmp
 
 
 def test_report_json_structure(report):
-    rep, js, _ = report
+    rep, js, _, _ = report
     assert js["mode"] == "quick"
     m = js["machine"]
     for key in ("cpu_model", "cpu_cores", "jax", "torch", "flax", "date", "xla_cpu_threads", "torch_threads"):
@@ -44,7 +44,7 @@ def test_report_json_structure(report):
 
 
 def test_deploy_runtimes_agree_with_jax(report):
-    _, js, md = report
+    _, js, md, _ = report
     (row,) = js["sections"]["deploy"]["rows"]
     assert (row["variant"], row["batch"], row["image_size"]) == ("t8", 2, 64)
     assert set(row["deviation_from_jax"]) == {"jax", "onnxruntime", "litert", "torch_nchw", "torch_cl"}
@@ -102,6 +102,65 @@ def test_markdown_tables(report):
         elif block:
             assert len(set(block)) == 1, block
             block = []
+
+
+def test_charts_beside_the_json(report):
+    pngs = sorted(p for p in os.listdir(report[3]) if p.endswith(".png"))
+    assert pngs == ["report-inference.png", "report-profile.png", "report-train.png"]
+
+
+def _synthetic_report():
+    machine = {"cpu_model": "Test CPU", "cpu_cores": 2, "jax_backend": "cpu", "jax_devices": ["cpu"],
+               "date": "2026-01-02T03:04:05+00:00", "git_commit": "abc1234"}
+    inference = [{"variant": v, "batch": 8, "image_size": 256, "form": f, "jax_img_s": 100.0 * k,
+                  "torch_nchw_img_s": 80.0 * k, "torch_cl_img_s": 120.0 * k, "torch_compile_img_s": None}
+                 for k, (v, f) in enumerate([("t8", "fused"), ("t8", "unfused"), ("sa12", "fused")], 1)]
+    train = [{"variant": "t8", "batch": 8, "image_size": 256, "jax_img_s": 20.0, "torch_nchw_img_s": 12.0,
+              "torch_cl_img_s": None}]
+    pieces = ("stem", "stage 0", "stage 1", "stage 2", "stage 3", "final_conv + head", "whole network")
+    profile = [{"variant": "t8", "batch": 8, "piece": p, "impl": i, "median_ms": 1.0 + n + m}
+               for n, p in enumerate(pieces) for m, i in enumerate(("jax", "torch_nchw", "torch_cl"))]
+    return {"mode": "quick", "config": {"image_size": 256}, "machine": machine,
+            "sections": {"inference": {"summary": inference}, "train": {"summary": train},
+                         "profile": {"rows": profile}, "flops": {"rows": []}}}
+
+
+def test_plots_on_a_synthetic_report(tmp_path):
+    from benchmarks import plots
+
+    rep = _synthetic_report()
+    paths = plots.write_charts(rep, str(tmp_path), "x")
+    assert [os.path.basename(p) for p in paths] == ["x-inference.png", "x-train.png", "x-profile.png"]
+    for p in paths:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for make in (plots.inference_figure, plots.train_figure, plots.profile_figure):
+        fig = make(rep)
+        title = fig._suptitle.get_text() if fig._suptitle else fig.axes[0].get_title()
+        assert "Test CPU, 2 cores" in title and "2026-01-02" in title and "abc1234" in title
+        assert fig.legends and len(fig.legends[0].get_texts()) >= 2  # one legend, all implementations
+        for ax in fig.axes:
+            assert ax.get_xlabel() and ("per second" in ax.get_ylabel() or "milliseconds" in ax.get_ylabel())
+        plots.plt.close(fig)
+    # no torch.compile column when it was not timed; a section missing from the report gets no chart
+    assert "torch.compile" not in [t.get_text() for t in plots.inference_figure(rep).legends[0].get_texts()]
+    del rep["sections"]["profile"]
+    assert len(plots.write_charts(rep, str(tmp_path), "y")) == 2
+
+
+def test_plots_cli_merges_reports(tmp_path):
+    from benchmarks import plots
+
+    a, b = _synthetic_report(), _synthetic_report()
+    for r in b["sections"]["inference"]["summary"]:
+        r["batch"] = 32
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    paths = plots.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), str(tmp_path / "out"), "--prefix", "m"])
+    assert os.path.basename(paths[0]) == "m-inference.png"
+    merged = plots.merge_reports([a, b])
+    assert len(merged["sections"]["inference"]["summary"]) == 6
+    assert len(plots.inference_figure(merged).axes) == 2  # one panel per batch
 
 
 def test_conv_macs_match_official_t8():

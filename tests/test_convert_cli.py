@@ -160,7 +160,10 @@ def test_arbitrary_pickle_is_not_executed(tmp_path, capsys):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
         pickle.dump({"state_dict": Evil()}, f)
-    _bad(tmp_path, capsys, path, "weights_only=True")
+    _bad(tmp_path, capsys, path, "weights_only=True", "nothing in it was run")
+    torch.save({"state_dict": Evil()}, path)  # what a malicious .pth usually is: a zip whose pickle calls a global
+    rc, _, err = _run(torch2flax.main, [path, tmp_path / "out.safetensors"], capsys)
+    assert rc == 2 and "unsupported GLOBAL posix.system" in err and "weights_only` set to `False`" not in err, err
 
 
 def test_non_tensor_entries(tmp_path, capsys):
@@ -289,6 +292,37 @@ def test_read_only_output_directory(tmp_path, capsys, t8_sd):
     locked.mkdir(mode=0o555)
     rc, _, err = _run(torch2flax.main, [ckpt, locked / "out.safetensors"], capsys)
     assert rc == 2 and "permission denied" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("tool, mount_options, fragment", [
+    ("torch2flax", "size=1m", r"no space left on the device \(needs about 15\.\d MiB, [0-9.]+ MiB free in "),
+    ("torch2flax", "ro,size=1m", r"is on a read-only file system$"),
+    ("flax2torch", "size=1m", r"no space left on the device \(needs about 15\.\d MiB, [0-9.]+ MiB free in "),
+])
+def test_real_full_and_read_only_file_systems(tmp_path, capsys, t8_sd, tool, mount_options, fragment):
+    """The CLIs on a real 1 MiB / read-only tmpfs: exit 2, one line, the input untouched, nothing left."""
+    import re
+
+    from tmpfs import run_with_tmpfs, tmpfs_unavailable
+
+    reason = tmpfs_unavailable(tmp_path)
+    if reason:
+        pytest.skip(reason)
+    source = _ckpt(tmp_path, t8_sd)
+    if tool == "flax2torch":
+        assert _run(torch2flax.main, [source, tmp_path / "flax.safetensors"], capsys)[0] == 0
+        source = tmp_path / "flax.safetensors"
+    before, mnt = _digest(source), tmp_path / "mnt"
+    mnt.mkdir()
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "convert", f"{tool}.py")
+    r = run_with_tmpfs(f"mount -t tmpfs -o {mount_options} tmpfs {mnt} || exit 90\n"
+                       f"{sys.executable} {script} {source} {mnt}/out.safetensors; echo \"rc=$?\"; ls -A {mnt}")
+    lines = r.stdout.strip().splitlines()
+    assert "rc=2" in lines and lines[-1] == "rc=2", r.stdout + r.stderr  # exit 2 and the tmpfs left empty
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert re.search(fragment, errors[0]), errors[0]
+    assert _digest(source) == before
 
 
 def test_half_precision_input_is_written_float32_with_a_note(tmp_path, capsys, t8_sd):

@@ -271,3 +271,17 @@ def test_apply_names_a_wrong_input_layout(shape, fragment):
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32)))
     with pytest.raises(ValueError, match=re.escape(fragment)):
         model.apply(variables, np.zeros(shape, np.float32))
+
+
+@pytest.mark.parametrize("fused_vars, fused_model, fragment", [
+    (True, False, "these variables are the fused (inference) form: build the model with "
+                  "create_model(..., inference_mode=True)"),
+    (False, True, "fuse them first with fastvit_jax.reparameterize(variables)"),
+])
+def test_apply_names_a_variables_form_mismatch(fused_vars, fused_model, fragment):
+    x = np.zeros((1, 64, 64, 3), np.float32)
+    variables = jax.eval_shape(lambda: fastvit_jax.create_model("t8", inference_mode=fused_vars).init(
+        jax.random.key(0), x))
+    model = fastvit_jax.create_model("t8", inference_mode=fused_model)
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        jax.eval_shape(lambda: model.apply(variables, x))

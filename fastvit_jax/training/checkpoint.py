@@ -4,18 +4,29 @@ A checkpoint that cannot be read (truncated data, missing metadata, another stru
 not block a run: restore tries the steps newest first, moves each unreadable one aside to
 ``<step>.corrupt-<utc time>`` (nothing is deleted), logs one line naming it and the error, and
 uses the newest readable one. ``CheckpointError`` names every step tried when none is.
+
+A save that fails on the file system (disk full, quota, permission, read-only) raises
+``CheckpointWriteError``: one line naming the step, the directory, the cause and, for a full
+disk, the space the checkpoint needs; the partial ``<step>.orbax-checkpoint-tmp*`` folder is
+removed and the previous checkpoints are untouched, so the same command resumes once the
+cause is fixed. Orbax's background threads log these errors with tracebacks before the main
+thread re-raises them; ``OrbaxThreadErrors`` is the logging filter that drops those records.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import shutil
 import time
+import traceback
 from typing import Any, Callable, List, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 
+from fastvit_jax.io import WriteError, describe_os_error, file_system_error
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 
@@ -24,6 +35,59 @@ log = logging.getLogger("fastvit_jax.training")
 
 class CheckpointError(RuntimeError):
     """No checkpoint of the workdir could be read; the message lists each step and its error."""
+
+
+class CheckpointWriteError(WriteError):
+    """A checkpoint could not be written; the message names the step, directory, cause and space needed."""
+
+
+def remove_partial_saves(directory: str) -> List[str]:
+    """Deletes ``<directory>/*.orbax-checkpoint-tmp*`` (unfinished saves; process 0 only); returns them."""
+    partial = sorted(glob.glob(os.path.join(glob.escape(directory), "*.orbax-checkpoint-tmp*")))
+    if jax.process_index() == 0:
+        for path in partial:
+            shutil.rmtree(path, ignore_errors=True)
+    return partial
+
+
+def tree_nbytes(tree: Any) -> int:
+    """Bytes of all array leaves of ``tree`` (global shapes): about what a checkpoint of it takes."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+class OrbaxThreadErrors(logging.Filter):
+    """Drops ERROR records raised inside orbax (its threads log them, asyncio reports their
+    futures at exit) that the main thread re-raises anyway.
+
+    Install on the ``absl`` and ``asyncio`` loggers when ``CheckpointWriteError`` is reported to
+    the user as one line (``train_tpu.py`` does, unless FASTVIT_DEBUG is set)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if _ORBAX_SOURCE in record.pathname:
+            return False
+        trace = traceback.extract_tb(record.exc_info[2]) if record.exc_info and record.exc_info[2] else []
+        return not any(_ORBAX_SOURCE in frame.filename for frame in trace)
+
+
+_ORBAX_SOURCE = f"{os.sep}orbax{os.sep}"
+
+
+def drop_abandoned_read_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A ``sys.unraisablehook`` that ignores "Event loop is closed" from asyncio's call_soon_threadsafe.
+
+    After a failed restore, orbax closes its event loop while tensorstore still completes the
+    abandoned reads; their callbacks then raise into the void (one traceback per array). Every
+    other unraisable exception goes to ``previous``.
+    """
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    return hook
 
 
 def _first_line(error: BaseException) -> str:
@@ -68,16 +132,43 @@ class Checkpointer:
             max_to_keep=max_to_keep,
             create=True,
             enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # unfinished saves of a killed run
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._in_flight: Optional[Tuple[int, int]] = None  # (step, bytes) of the save being written
+        self._write_failed = False  # a CheckpointWriteError was raised: later errors repeat it
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, *, force: bool = True) -> bool:
+        """Starts writing ``state`` as ``step`` (async); a failed earlier save raises here or in ``wait``."""
         if step in self.manager.all_steps():
             return False
-        return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        previous, self._in_flight = self._in_flight, (step, tree_nbytes(state))
+        try:
+            return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        except Exception as e:  # noqa: BLE001 - re-raised as is unless it is a file-system failure
+            failure = self._write_error(e, previous or self._in_flight)
+            if failure is e:
+                raise
+            raise failure from e
+
+    def _write_error(self, error: Exception, in_flight: Tuple[int, int]) -> Exception:
+        """``CheckpointWriteError`` for a file-system failure (after removing the partial save), else ``error``."""
+        cause = file_system_error(error)
+        if cause is None:
+            return error
+        self._in_flight, self._write_failed = None, True
+        step, nbytes = in_flight
+        problem = describe_os_error(self.directory, cause, nbytes)  # the free space before the cleanup
+        remove_partial_saves(self.directory)
+        self.manager.reload()
+        intact = [s for s in self.manager.all_steps() if s != step]
+        kept = f"checkpoint step {max(intact)} is intact" if intact else "no earlier checkpoint exists"
+        return CheckpointWriteError(
+            f"checkpoint step {step} not saved: {problem}; "
+            f"the partial save was removed and {kept}; once that is fixed, rerun the same command to resume")
 
     def restore(self, abstract_state: Any) -> Tuple[Any, int]:
         """(state, step) of the newest readable checkpoint (see the module docstring).
@@ -93,11 +184,31 @@ class Checkpointer:
         return restored
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Blocks until the save in flight is written; ``CheckpointWriteError`` if it could not be."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - re-raised as is unless it is a file-system failure
+            if self._in_flight is None:
+                if self._write_failed and file_system_error(e) is not None:
+                    return  # the failure of a save already reported
+                raise
+            failure = self._write_error(e, self._in_flight)
+            if failure is e:
+                raise
+            raise failure from e
+        self._in_flight = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception as e:  # noqa: BLE001
+                if not (self._write_failed and file_system_error(e) is not None):
+                    raise
+            if self._write_failed:  # the failed save's other threads may have written after the first error
+                remove_partial_saves(self.directory)
 
 
 def abstract_with_shardings(shape_tree: Any, shardings: Any) -> Any:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import stat
+import warnings
 from typing import Any, Dict, Optional
 
 from fastvit_jax.io import is_variables_file, unflatten_variables
@@ -77,6 +79,19 @@ def _read_safetensors(path: str, prefer_ema: bool) -> WeightsFile:
     return WeightsFile(path, "torch", unwrap_state_dict(tensors, prefer_ema, source=path), metadata)
 
 
+def _unpickling_error(error: Exception) -> str:
+    """What stopped torch's safe unpickler (e.g. "unsupported GLOBAL posix.system"), without torch's
+    advice to retry with weights_only=False; else the error's first line."""
+    text = str(error).strip()
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    reasons = [p.replace("WeightsUnpickler error:", "").strip() for p in paragraphs if not p.startswith(advice)]
+    reasons = [r for r in reasons if r]
+    if reasons:
+        return " ".join(" ".join(r.split()) for r in reasons)
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _read_pickle(path: str, prefer_ema: bool) -> WeightsFile:
     try:
         import torch
@@ -86,12 +101,13 @@ def _read_pickle(path: str, prefer_ema: bool) -> WeightsFile:
             "Without PyTorch, use the .safetensors version of the checkpoint (timm publishes model.safetensors)"
         ) from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # its note on unusual pickle protocols: the error below says enough
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling / zip errors for non-checkpoints
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConversionError(
             f"{path!r} is not a PyTorch checkpoint that loads with weights_only=True "
-            f"(tensors and plain containers only): {first}") from None
+            f"(tensors and plain containers only; nothing in it was run): {_unpickling_error(e)}") from None
     return WeightsFile(path, "torch", unwrap_state_dict(obj, prefer_ema, source=path), {})
 
 

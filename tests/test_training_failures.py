@@ -1,0 +1,171 @@
+"""The trainer CLI under file-system failures: one line on stderr, exit 2, nothing lost.
+
+The CLI's error handling (``train_tpu.run``) runs in a subprocess on the tiny test model
+(``tests/trainer_worker.py``). Full and read-only file systems are real: a small tmpfs mounted
+in a user + mount namespace (``unshare -rm``), skipped with the reason where the kernel or the
+CI user does not allow one.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from test_training_e2e import _config, _fake_imagenet  # noqa: E402  (tests/ is on sys.path)
+from tmpfs import run_with_tmpfs, tmpfs_unavailable  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "trainer_worker.py")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return _fake_imagenet(tmp_path_factory, "training_tfds", per_class=4)
+
+
+def _worker_config(data_dir, workdir, tmp_path, name="config.json", **kw):
+    """The tiny model's run (10 steps, checkpoints at 5 and 10) as the worker's JSON file."""
+    cfg = _config(data_dir, workdir, export=False, plot=False, mixup=0.0, cutmix=0.0, **kw)
+    overrides = {k: v for k, v in cfg.to_dict().items() if k != "variant"}
+    path = tmp_path / name
+    path.write_text(json.dumps(overrides))
+    return path
+
+
+def _assert_one_line_error(stderr: str, pattern: str) -> None:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert re.search(pattern, errors[0]), errors[0]
+
+
+@pytest.mark.parametrize("leave_free", [32768, 0])
+def test_disk_full_during_a_checkpoint(data_dir, tmp_path, leave_free):
+    """The disk fills after step 6. With 32 KiB left the logs still fit and step 10's checkpoint
+    fails: exit 2, one line with the space needed, the partial save removed, step 5 intact. With
+    nothing left the first writer to fail is TensorBoard's or metrics.jsonl's: exit 2, one line.
+    Once space is freed the same command resumes from step 5."""
+    reason = tmpfs_unavailable(tmp_path)
+    if reason:
+        pytest.skip(reason)
+    mnt, logs = tmp_path / "mnt", tmp_path / "logs"
+    mnt.mkdir(), logs.mkdir()
+    cfg = _worker_config(data_dir, mnt / "wd", tmp_path)
+    py = f"{sys.executable} {WORKER} {cfg}"
+    r = run_with_tmpfs(f"""
+        mount -t tmpfs -o size=32m tmpfs {mnt} || exit 90
+        {py} --fill_disk_after 6 --leave_free {leave_free} > {logs}/1.out 2> {logs}/1.err; echo $? > {logs}/1.rc
+        ls -a {mnt}/wd/checkpoints > {logs}/1.ls
+        rm {mnt}/wd/filler
+        {py} > {logs}/2.out 2> {logs}/2.err; echo $? > {logs}/2.rc
+        ls -a {mnt}/wd/checkpoints > {logs}/2.ls
+        cat {mnt}/wd/metrics.jsonl > {logs}/metrics.jsonl
+    """)
+    assert r.returncode == 0, r.stderr
+    err1 = (logs / "1.err").read_text()
+    assert (logs / "1.rc").read_text().strip() == "2", err1[-3000:]
+    if leave_free:
+        _assert_one_line_error(err1, r"checkpoint step 10 not saved: .*no space left on the device \(needs about "
+                                     r"[0-9.]+ MiB, [0-9.]+ MiB free .*\); the partial save was removed and "
+                                     r"checkpoint step 5 is intact; once that is fixed, rerun the same command")
+    else:
+        _assert_one_line_error(err1, r"no space left on the device")
+    assert (logs / "1.ls").read_text().split() == [".", "..", "5"]  # no *.orbax-checkpoint-tmp left
+
+    err2 = (logs / "2.err").read_text()
+    assert (logs / "2.rc").read_text().strip() == "0", err2[-3000:]
+    assert "resumed from" in err2 and "step 5" in err2
+    assert "5" in (logs / "2.ls").read_text().split() and "10" in (logs / "2.ls").read_text().split()
+    steps = [json.loads(line)["step"] for line in (logs / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 11))  # each step once, although 6-9 were logged before the failure
+
+
+def test_read_only_workdir(data_dir, tmp_path):
+    reason = tmpfs_unavailable(tmp_path)
+    if reason:
+        pytest.skip(reason)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cfg = _worker_config(data_dir, mnt / "wd", tmp_path)
+    r = run_with_tmpfs(f"mount -t tmpfs -o ro,size=1m tmpfs {mnt} || exit 90\n"
+                      f"exec {sys.executable} {WORKER} {cfg}")
+    assert r.returncode == 2, r.stderr[-3000:]
+    _assert_one_line_error(r.stderr, re.escape(f"cannot write to the --workdir {str(mnt / 'wd')!r}: "
+                                               "read-only file system"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to a directory without write permission")
+def test_workdir_without_write_permission(data_dir, tmp_path):
+    parent = tmp_path / "locked"
+    parent.mkdir(mode=0o555)
+    cfg = _worker_config(data_dir, parent / "wd", tmp_path)
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, WORKER, str(cfg)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 2, r.stderr[-3000:]
+    _assert_one_line_error(r.stderr, re.escape(f"cannot write to the --workdir {str(parent / 'wd')!r}: "
+                                               "permission denied"))
+
+
+def test_export_never_overwrites_the_init_from_file(tmp_path):
+    """--init_from naming the file the export would write: refused, the file byte-identical."""
+    import jax
+
+    import fastvit_jax
+    from fastvit_jax.io import WriteError
+    from fastvit_jax.training.config import get_config
+    from fastvit_jax.training.pretrained import export_fused
+
+    model = fastvit_jax.create_model("t8", num_classes=10)
+    variables = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
+    cfg = get_config("t8", dataset="demo", num_classes=10, image_size=64, workdir=str(tmp_path))
+    target = export_fused(str(tmp_path), variables, cfg, step=1)
+    before = open(target, "rb").read()
+    with pytest.raises(WriteError, match=re.escape(f"output {target!r} is the input file")):
+        export_fused(str(tmp_path), variables, cfg.replace(init_from=target), step=2)
+    assert open(target, "rb").read() == before
+    assert sorted(os.listdir(os.path.dirname(target))) == [os.path.basename(target)]  # no temp file
+
+
+def _worker(cfg, *extra, timeout=600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("FASTVIT_DEBUG", None)
+    return subprocess.run([sys.executable, WORKER, str(cfg), *extra], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+def test_a_corrupt_newest_checkpoint_does_not_block_resume_or_eval_only(data_dir, tmp_path):
+    """Through the CLI: --eval_only and a restart skip a damaged newest step (moved aside, one
+    warning line); when no step is readable, exit 2 names every step tried."""
+    from test_training_units import _damage  # noqa: E402
+
+    wd = tmp_path / "wd"
+    train = _worker_config(data_dir, wd, tmp_path)
+    evaluate = _worker_config(data_dir, wd, tmp_path, name="eval.json", eval_only=True)
+    r = _worker(train)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _damage(wd / "checkpoints" / "10", "truncated data")
+
+    r = _worker(evaluate)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["num_examples"] == 8
+    moved = [n for n in os.listdir(wd / "checkpoints") if n.startswith("10.corrupt-")]
+    assert len(moved) == 1 and sorted(n for n in os.listdir(wd / "checkpoints") if n.isdigit()) == ["5"]
+    warning = [line for line in r.stderr.splitlines() if "checkpoint step 10 is unreadable" in line]
+    assert len(warning) == 1 and moved[0] in warning[0] and "Traceback" not in r.stderr
+
+    r = _worker(train)  # the same command resumes from step 5
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "step 5" in r.stderr
+
+    for step in ("5", "10"):
+        _damage(wd / "checkpoints" / step, "truncated data")
+    r = _worker(train)
+    assert r.returncode == 2, r.stderr[-3000:]
+    _assert_one_line_error(r.stderr, r"no readable checkpoint in .*; tried step 10: .*; step 5: .* \(the unreadable "
+                                     r"ones were moved aside as <step>\.corrupt-<time>\)")
+    assert not [n for n in os.listdir(wd / "checkpoints") if n.isdigit()]
