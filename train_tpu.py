@@ -16,7 +16,9 @@ Learning rate: --lr is the absolute peak; without it the peak is --lr_base (1e-3
 --global_batch_size / --lr_base_size (1024). The startup log prints the peak lr, warm-up and
 total steps. Restarting with the same --workdir resumes from its latest checkpoint (same data
 order, same losses); a larger --num_steps/--num_epochs extends a finished run. SIGTERM
-(preemption) saves a checkpoint and exits with status 0. Compiled steps are kept in the
+(preemption) saves a checkpoint and exits with status 0. Several processes (TPU pods, SLURM,
+Open MPI, or ``python -m fastvit_jax.launch``): docs/multihost.md; a lost peer ends the others
+with status 4 and a message naming it. Compiled steps are kept in the
 persistent compilation cache (--compilation_cache_dir), so a restart does not recompile.
 """
 
@@ -63,9 +65,15 @@ def main(argv=None) -> int:
     configure_logging()
 
     # Multi-host: must run before anything touches the JAX backend.
-    from fastvit_jax.training.mesh import maybe_initialize_distributed
+    from fastvit_jax.training.config import TrainConfig
+    from fastvit_jax.training.multihost import EXIT_PEER_LOST, MultihostError, maybe_initialize_distributed
 
-    maybe_initialize_distributed()
+    try:
+        maybe_initialize_distributed(
+            distributed_timeout_s=getattr(args, "distributed_timeout", TrainConfig.distributed_timeout))
+    except MultihostError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_PEER_LOST
     return run(lambda: config_from_args(args))
 
 
@@ -88,15 +96,19 @@ def run(make_config, *, model_fn=None, step_callback=None) -> int:
 
     0: done or preempted (SIGTERM, checkpoint saved); 2: a problem the user can fix (bad flag,
     missing dataset or checkpoint, changed config, file system full/unwritable), one line on
-    stderr; 3: the loss became NaN/inf. ``make_config()`` runs inside the error handling, so a
+    stderr; 3: the loss became NaN/inf; 4: the processes of a multi-process job did not meet
+    (a barrier timed out, process 0 failed to prepare the data; a lost peer exits with 4 from
+    the trainer's watchdog). ``make_config()`` runs inside the error handling, so a
     bad flag is reported like the rest. ``model_fn`` goes to ``train_and_evaluate`` and
     ``evaluate_checkpoint``, ``step_callback`` to ``train_and_evaluate`` (None: their defaults).
     """
+    from fastvit_jax.data.demo import DatasetPreparationError
     from fastvit_jax.data.pipeline import DatasetNotFoundError
     from fastvit_jax.io import WriteError, describe_os_error, file_system_error
     from fastvit_jax.training.checkpoint import CheckpointError
     from fastvit_jax.training.config import ConfigMismatchError
     from fastvit_jax.training.evaluate import evaluate_checkpoint
+    from fastvit_jax.training.multihost import EXIT_PEER_LOST, MultihostError
     from fastvit_jax.training.trainer import NonFiniteLossError, train_and_evaluate
 
     def fail(message: str, status: int = 2) -> int:
@@ -117,9 +129,11 @@ def run(make_config, *, model_fn=None, step_callback=None) -> int:
             return 0
         callback_kwargs = {"step_callback": step_callback} if step_callback is not None else {}
         res = train_and_evaluate(config, **model_kwargs, **callback_kwargs)
-    except (DatasetNotFoundError, ConfigMismatchError, CheckpointError, WriteError, ValueError,
-            FileNotFoundError) as e:
+    except (DatasetNotFoundError, ConfigMismatchError, CheckpointError, WriteError, DatasetPreparationError,
+            ValueError, FileNotFoundError) as e:
         return fail(str(e))
+    except MultihostError as e:
+        return fail(str(e), status=EXIT_PEER_LOST)
     except NonFiniteLossError as e:
         return fail(str(e), status=3)
     except Exception as e:  # noqa: BLE001 - file-system failures of any writer (TensorBoard's are TF errors)

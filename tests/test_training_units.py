@@ -272,10 +272,28 @@ def test_state_and_batch_sharding_on_8_devices(spec, tiny_variables):
 
 
 def test_maybe_initialize_distributed_single_host_is_noop():
-    assert mesh_lib.maybe_initialize_distributed(env={}) is False
-    assert mesh_lib._want_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
-    assert mesh_lib._want_distributed({"TPU_WORKER_HOSTNAMES": "a,b,c,d"})
-    assert not mesh_lib._want_distributed({"TPU_WORKER_HOSTNAMES": "localhost"})
+    from fastvit_jax.training import multihost
+
+    assert multihost.maybe_initialize_distributed(env={}) is False
+    assert multihost.want_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert multihost.want_distributed({"TPU_WORKER_HOSTNAMES": "a,b,c,d"})
+    assert not multihost.want_distributed({"TPU_WORKER_HOSTNAMES": "localhost"})
+    assert multihost.want_distributed({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})
+    assert multihost.want_distributed({"OMPI_COMM_WORLD_SIZE": "2"})
+    assert not multihost.want_distributed({"OMPI_COMM_WORLD_SIZE": "1"})
+
+
+def test_distributed_timeouts_reach_jax_distributed_initialize():
+    """--distributed_timeout T: joining and shutdown wait T, JAX's heartbeat timeout is 2T (the watchdog reports at T)."""
+    from fastvit_jax.training import multihost
+
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert multihost.initialize_kwargs(env, distributed_timeout_s=30) == {
+        "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3,
+        "initialization_timeout": 30, "heartbeat_timeout_seconds": 60, "shutdown_timeout_seconds": 30}
+    # Cluster auto-detection (SLURM, TPU pods, Open MPI): only the timeouts are given.
+    assert multihost.initialize_kwargs({"SLURM_JOB_ID": "7"}, distributed_timeout_s=300) == {
+        "initialization_timeout": 300, "heartbeat_timeout_seconds": 600, "shutdown_timeout_seconds": 300}
 
 
 # ---------------------------------------------------------------------------- checkpoint / init_from
@@ -482,12 +500,12 @@ def test_post_compilation_barrier_waits_for_the_slower_process(tmp_path):
         "import jax\n"
         "pid = int(sys.argv[1])\n"
         f"jax.distributed.initialize(coordinator_address='localhost:{port}', num_processes=2, process_id=pid)\n"
-        "from fastvit_jax.training.compile_cache import wait_for_all_processes\n"
+        "from fastvit_jax.training.multihost import barrier\n"
         f"marker = pathlib.Path({str(marker)!r})\n"
         "if pid == 1:\n"
         "    time.sleep(3)\n"
         "    marker.write_text('here')\n"
-        "wait_for_all_processes('compiled')\n"
+        "barrier('compiled', 60, 'the other to compile')\n"
         "print('marker seen after the barrier:', marker.exists())\n"
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")

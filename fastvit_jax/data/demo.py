@@ -13,13 +13,18 @@ real JPEG-encoded RGB images of varied size (64..112 px per side), ``train`` and
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import io
+import logging
 import os
+import shutil
 import tarfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+
+log = logging.getLogger("fastvit_jax.data")
 
 SEED = 20240229
 CLASS_NAMES: tuple[str, ...] = (
@@ -195,17 +200,55 @@ def demo_builder(data_dir: str, num_train: int = DEFAULT_NUM_TRAIN,
     return FastvitDemo(data_dir=os.fspath(data_dir), config=demo_config(num_train, num_val))
 
 
+class DatasetPreparationError(RuntimeError):
+    """The demo dataset could not be built (a broken folder from an earlier run is in the way)."""
+
+
+def _remove_incomplete(parent: str) -> None:
+    """Deletes ``incomplete.*`` folders that a crashed preparation left next to the version folder."""
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if name.startswith("incomplete.") and os.path.isdir(path):
+            log.warning("removing %s, left by an interrupted preparation of fastvit_demo", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def prepare_demo(data_dir: str, num_train: int = DEFAULT_NUM_TRAIN, num_val: int = DEFAULT_NUM_VAL) -> None:
     """Builds ``fastvit_demo`` into ``data_dir`` (no-op when already prepared). Offline.
 
-    The default sizes (3000/500, ~4 MB) prepare in a few seconds on 2 CPU cores.
+    The default sizes (3000/500, ~4 MB) prepare in a few seconds on 2 CPU cores. Runs
+    sharing a data_dir take turns (a file lock): the first prepares, the others find it
+    prepared. Temporary ``incomplete.*`` folders of a crashed earlier preparation are removed;
+    a version folder that exists but is not a prepared dataset raises DatasetPreparationError
+    naming it (tfds would otherwise reuse it as it is).
     """
     builder = demo_builder(data_dir, num_train, num_val)
     if builder.is_prepared():
         return
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
+    version_dir = builder.data_dir
+    parent = os.path.dirname(version_dir)
+    os.makedirs(parent, exist_ok=True)
+    with open(os.path.join(parent, ".prepare.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if demo_builder(data_dir, num_train, num_val).is_prepared():  # another run prepared it meanwhile
+            return
+        _remove_incomplete(parent)
+        if os.path.exists(version_dir):
+            raise DatasetPreparationError(_broken_message(version_dir, "exists but is not a prepared dataset"))
+        log.info("preparing the demo dataset in %s (%d train / %d validation images)", version_dir, num_train,
+                 num_val)
+        try:
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        except FileExistsError as e:
+            if not demo_builder(data_dir, num_train, num_val).is_prepared():
+                raise DatasetPreparationError(_broken_message(version_dir, f"could not be written ({e})")) from None
+        if not demo_builder(data_dir, num_train, num_val).is_prepared():
+            raise DatasetPreparationError(_broken_message(version_dir, "is not a prepared dataset after preparing it"))
+
+
+def _broken_message(version_dir: str, what: str) -> str:
+    return (f"cannot prepare the demo dataset: {version_dir} {what} (left by an interrupted run, or copied in "
+            f"part?); delete that folder and rerun")
 
 
 # ----------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ Modules (flat, small, pure where possible):
   flags          command-line flags generated from the TrainConfig fields
   plan           steps per epoch, schedule length, warm-up (scaled for short runs), peak lr
   setup          dataset facts, device mesh, compute dtype
-  mesh           create_mesh('data:-1,fsdp:4'), batch/param shardings, maybe_initialize_distributed
+  mesh           create_mesh('data:-1,fsdp:4'), batch/param shardings
+  multihost      jax.distributed start-up, barriers with a timeout, work on process 0, the lost-peer watchdog
   optimizer      timm-style warm-up + cosine schedule, weight-decay mask (kernel, gamma), AdamW
   mixup          timm Mixup/CutMix (batch mode, per-batch switch, corrected lambda)
   losses         soft-target cross-entropy, masked top-1/top-5 sums
@@ -13,7 +14,7 @@ Modules (flat, small, pure where possible):
   state          TrainState pytree, fresh variables
   steps          the train step and the eval step
   checkpoint     orbax CheckpointManager wrapper (async, keep-N, sharded restore, eval-only partial restore)
-  compile_cache  the persistent compilation cache, the post-compilation barrier
+  compile_cache  the persistent compilation cache
   preemption     SIGTERM as a flag the loop polls
   pretrained     load_weights_file (--init_from / --eval_only), merge_pretrained, export_fused
   evaluate       run_eval, evaluate_checkpoint (--eval_only)

@@ -1,4 +1,4 @@
-"""Compile once: JAX's persistent compilation cache, and processes that agree after compiling.
+"""Compile once: JAX's persistent compilation cache.
 
 With the cache on, a restart or ``--eval_only`` loads the compiled train step from disk
 instead of compiling it again (about a minute for FastViT-t8 on CPU). The default
@@ -22,7 +22,6 @@ log = logging.getLogger("fastvit_jax.training")
 
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "fastvit_jax", "jax")
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
-BARRIER_TIMEOUT_MS = 30 * 60 * 1000  # a slow process may still be compiling a large model
 
 
 def resolve_cache_dir(configured: Optional[str]) -> Optional[str]:
@@ -61,16 +60,3 @@ def count_cache_hits() -> Iterator[List[int]]:
         yield hits
     finally:
         monitoring.unregister_event_listener(on_event)
-
-
-def wait_for_all_processes(name: str) -> None:
-    """A barrier of the coordination service (no device collective); a no-op on one process.
-
-    Called after compiling, so a process that loaded the step from the cache does not
-    start its collectives minutes before one that compiled it.
-    """
-    if jax.process_count() == 1:
-        return
-    from jax._src.distributed import global_state
-
-    global_state.client.wait_at_barrier(name, BARRIER_TIMEOUT_MS)

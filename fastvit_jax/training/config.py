@@ -52,7 +52,7 @@ RUN_LENGTH_FIELDS: Tuple[str, ...] = ("num_epochs", "num_steps", "cooldown_epoch
 BOOKKEEPING_FIELDS: Tuple[str, ...] = (
     "data_dir", "workdir", "mesh", "fsdp_min_size", "checkpoint_every", "keep_checkpoints", "eval_every",
     "eval_batch_size", "log_every", "init_from", "eval_only", "export", "plot", "progress",
-    "compilation_cache_dir",
+    "compilation_cache_dir", "distributed_timeout", "barrier_timeout",
 )
 
 
@@ -134,6 +134,13 @@ class TrainConfig:
     compilation_cache_dir: Optional[str] = option(
         None, "JAX persistent compilation cache, so restarts and --eval_only reuse the compiled step "
               "(default $JAX_COMPILATION_CACHE_DIR or ~/.cache/fastvit_jax/jax; 'none' disables)")
+    distributed_timeout: float = option(
+        300.0, "several processes: seconds without a heartbeat after which a peer counts as lost (the others then "
+               "exit with status 4, naming it), and the longest wait to join the job or to shut down (JAX's own "
+               "heartbeat timeout is set to twice this)")
+    barrier_timeout: float = option(
+        1800.0, "several processes: seconds a process waits for the others at a barrier (dataset prepared by "
+                "process 0, train / eval step compiled)")
     eval_only: bool = option(False, "only evaluate --init_from (or the workdir's latest checkpoint)", flag=False)
     export: bool = option(True, "write the fused export of the final EMA weights", flag=False)
     plot: bool = option(True, "write curves.png", flag=False)
@@ -164,7 +171,8 @@ class TrainConfig:
         get_variant(self.variant)
         if self.num_epochs is None and self.num_steps is None:
             raise ValueError("set --num_epochs or --num_steps")
-        for name in ("global_batch_size", "checkpoint_every", "log_every", "lr_base_size", "keep_checkpoints"):
+        for name in ("global_batch_size", "checkpoint_every", "log_every", "lr_base_size", "keep_checkpoints",
+                     "distributed_timeout", "barrier_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         for name in ("num_steps", "num_epochs"):

@@ -8,6 +8,7 @@ or fused (``inference_mode=True``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -20,6 +21,7 @@ from jax.sharding import Mesh
 import fastvit_jax
 from fastvit_jax.training import checkpoint as ckpt_lib
 from fastvit_jax.training import mesh as mesh_lib
+from fastvit_jax.training import multihost
 from fastvit_jax.training.compile_cache import enable_compilation_cache
 from fastvit_jax.training.config import TrainConfig
 from fastvit_jax.training.metrics import MetricWriter
@@ -29,6 +31,8 @@ from fastvit_jax.training.state import init_variables
 from fastvit_jax.training.steps import make_eval_step
 
 log = logging.getLogger("fastvit_jax.training")
+
+_eval_calls = itertools.count()  # every process evaluates equally often: barrier names agree
 
 
 def eval_batch_size(config: TrainConfig, mesh: Mesh) -> int:
@@ -40,7 +44,11 @@ def eval_batch_size(config: TrainConfig, mesh: Mesh) -> int:
 
 def run_eval(eval_step: Callable, variables_by_prefix: Dict[str, dict], config: TrainConfig,
              mesh: Mesh) -> Dict[str, float]:
-    """One pass over the validation split: {prefix + 'loss'/'top1'/'top5'} means and num_examples."""
+    """One pass over the validation split: {prefix + 'loss'/'top1'/'top5'} means and num_examples.
+
+    The eval step is compiled (or loaded from the cache) before the first batch runs, and
+    every process waits for the others there, so no collective starts while a peer compiles.
+    """
     from fastvit_jax.data.pipeline import device_prefetch, make_eval_dataset
 
     dataset = make_eval_dataset(
@@ -48,8 +56,15 @@ def run_eval(eval_step: Callable, variables_by_prefix: Dict[str, dict], config: 
         crop_pct=config.eval_crop_pct, process_index=jax.process_index(), process_count=jax.process_count(),
         **config.normalization,
     )
-    pending = [eval_step(variables_by_prefix, {k: batch[k] for k in ("image", "label", "mask")})
-               for batch in device_prefetch(dataset, mesh_lib.batch_sharding(mesh))]
+    batches = ({k: batch[k] for k in ("image", "label", "mask")}
+               for batch in device_prefetch(dataset, mesh_lib.batch_sharding(mesh)))
+    first = next(batches, None)
+    if first is not None and jax.process_count() > 1:
+        eval_step.lower(variables_by_prefix, first).compile()
+        multihost.barrier(f"fastvit_eval_step_compiled_{next(_eval_calls)}", config.barrier_timeout,
+                          "every process to compile or load the eval step")
+    pending = [eval_step(variables_by_prefix, batch)
+               for batch in itertools.chain([first] if first is not None else [], batches)]
     totals: Dict[str, float] = {}
     for sums in jax.device_get(pending):
         for k, v in sums.items():

@@ -9,8 +9,6 @@ dimension that the fsdp size divides.
 
 from __future__ import annotations
 
-import logging
-import os
 from typing import Any, List, Optional, Sequence, Tuple
 
 import jax
@@ -103,52 +101,3 @@ def state_shardings(mesh: Mesh, shape_tree: Any, *, fsdp_min_size: int = 2**18) 
         return NamedSharding(mesh, fsdp_spec(shape, fsdp, fsdp_min_size))
 
     return jax.tree.map(rule, shape_tree)
-
-
-# --------------------------------------------------------------------------------------
-# Multi-host.
-
-_DISTRIBUTED_ENV = (
-    "JAX_COORDINATOR_ADDRESS",  # explicit multi-process launch
-    "COORDINATOR_ADDRESS",
-)
-
-
-def _want_distributed(env=os.environ) -> bool:
-    if any(env.get(k) for k in _DISTRIBUTED_ENV):
-        return True
-    # Cloud TPU pod slice: the TPU runtime lists the workers of the slice.
-    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-    if hosts and len([h for h in hosts.split(",") if h.strip()]) > 1:
-        return True
-    # Multislice / GKE TPU jobs.
-    if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        return True
-    # SLURM with several tasks (jax auto-detects the cluster).
-    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and env.get("SLURM_JOB_ID"):
-        return True
-    return False
-
-
-def maybe_initialize_distributed(env=os.environ) -> bool:
-    """Calls ``jax.distributed.initialize()`` when the environment describes a multi-process job.
-
-    Must run before anything touches the JAX backend. Returns True when it initialised.
-    Recognised: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID), a Cloud TPU
-    pod slice (TPU_WORKER_HOSTNAMES with several hosts), MEGASCALE_COORDINATOR_ADDRESS, SLURM
-    with several tasks. Single-host runs do nothing.
-    """
-    if not _want_distributed(env):
-        return False
-    kwargs = {}
-    addr = env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS")
-    if addr:
-        kwargs["coordinator_address"] = addr
-        if env.get("JAX_NUM_PROCESSES"):
-            kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
-        if env.get("JAX_PROCESS_ID"):
-            kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
-    logging.info("jax.distributed.initialize(%s)", kwargs)
-    jax.distributed.initialize(**kwargs)
-    return True
-

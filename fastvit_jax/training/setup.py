@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from fastvit_jax.training import mesh as mesh_lib
+from fastvit_jax.training import multihost
 from fastvit_jax.training.config import TrainConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -28,9 +29,13 @@ def setup_run(config: TrainConfig) -> Tuple[TrainConfig, Any, Mesh]:
 
     Raises DatasetNotFoundError for a dataset that is not prepared, ValueError when
     --num_classes disagrees with the dataset or the batch does not split over the devices.
+    With several processes, process 0 prepares the dataset ('demo' is built on first use)
+    while the others wait (--barrier_timeout).
     """
-    from fastvit_jax.data.pipeline import dataset_info
+    from fastvit_jax.data.pipeline import dataset_info, get_builder
 
+    multihost.run_on_process_0("fastvit_dataset_prepared", lambda: get_builder(config.dataset, config.data_dir),
+                               timeout_s=config.barrier_timeout, what=f"prepare dataset {config.dataset!r}")
     info = dataset_info(config.dataset, config.data_dir)
     if config.num_classes and config.num_classes != info.num_classes:
         raise ValueError(f"--num_classes {config.num_classes} but dataset {config.dataset!r} has {info.num_classes}")

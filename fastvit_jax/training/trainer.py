@@ -27,7 +27,8 @@ import fastvit_jax
 from fastvit_jax.io import check_writable_dir
 from fastvit_jax.training import checkpoint as ckpt_lib
 from fastvit_jax.training import mesh as mesh_lib
-from fastvit_jax.training.compile_cache import count_cache_hits, enable_compilation_cache, wait_for_all_processes
+from fastvit_jax.training import multihost
+from fastvit_jax.training.compile_cache import count_cache_hits, enable_compilation_cache
 from fastvit_jax.training.config import TrainConfig, check_workdir_config, write_workdir_config
 from fastvit_jax.training.evaluate import run_eval
 from fastvit_jax.training.metrics import MetricWriter, plot_curves
@@ -199,17 +200,36 @@ def _evaluate(eval_step: Callable, state: TrainState, config: TrainConfig, mesh:
 # ------------------------------------------------------------------------------------------ the loop
 
 
+def _resume_hint(workdir: str) -> Callable[[], str]:
+    """' from step N' (the newest finished checkpoint in the workdir) or ' from the start'."""
+
+    def hint() -> str:
+        directory = ckpt_lib.checkpoint_dir(workdir)
+        steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+        return f" from step {max(steps)} ({directory})" if steps else " from the start (no checkpoint yet)"
+
+    return hint
+
+
 def train_and_evaluate(config: TrainConfig, *, model_fn: Callable[..., nn.Module] = fastvit_jax.create_model,
                        step_callback: Optional[StepCallback] = None) -> TrainResult:
     """Trains (resuming from ``<workdir>/checkpoints`` if present), evaluates and exports.
 
     ``model_fn(variant, *, num_classes, drop_path_rate, dtype)`` builds the linen model.
     ``step_callback(step, device_metrics)`` runs after every step (tests use it to crash a run).
+    With several processes, a peer that stops responding for --distributed_timeout seconds
+    ends this process with status ``multihost.EXIT_PEER_LOST`` and a message naming it.
     """
+    config.validate()
+    with multihost.PeerWatchdog(config.distributed_timeout, _resume_hint(config.workdir)):
+        return _train_and_evaluate(config, model_fn, step_callback)
+
+
+def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
+                        step_callback: Optional[StepCallback]) -> TrainResult:
     from fastvit_jax.data.pipeline import device_prefetch, make_train_dataset
 
     t_start = time.perf_counter()
-    config.validate()
 
     # ---- Setup.
     cache_dir = enable_compilation_cache(config.compilation_cache_dir)
@@ -239,6 +259,8 @@ def train_and_evaluate(config: TrainConfig, *, model_fn: Callable[..., nn.Module
     state, resumed_from = _initial_state(config, model, tx, shardings, abstract_state, checkpointer, init_rng)
     start_step = int(jax.device_get(state.step))
     log.info("state ready at step %d (%.1fs since start)", start_step, time.perf_counter() - t_start)
+    if resumed_from is not None and (change := multihost.topology_change(config.workdir, resumed_from)):
+        log.warning(change)
 
     # ---- Data, from the state's step on (same order as an uninterrupted run).
     dataset = make_train_dataset(
@@ -253,7 +275,8 @@ def train_and_evaluate(config: TrainConfig, *, model_fn: Callable[..., nn.Module
         train_step, from_cache = _compile_train_step(make_train_step(model, tx, schedule, config), state,
                                                      shardings, _batch_spec(dataset, config.global_batch_size),
                                                      mesh, base_key)
-        wait_for_all_processes("fastvit_train_step_compiled")
+        multihost.barrier("fastvit_train_step_compiled", config.barrier_timeout,
+                          "every process to compile or load the train step")
     eval_step = jax.jit(make_eval_step(model), out_shardings=mesh_lib.replicated(mesh))
     log.info("ready to train (%.1fs since start)", time.perf_counter() - t_start)
 
@@ -269,6 +292,7 @@ def train_and_evaluate(config: TrainConfig, *, model_fn: Callable[..., nn.Module
         train_log.flush(step)  # never save a state whose loss was not checked
         if is_main:  # binds the workdir to this config once it holds a checkpoint, not before
             write_workdir_config(config.workdir, config)
+            multihost.write_topology(config.workdir)
         if checkpointer.save(step, state):
             train_log.last_checkpoint = step
 
