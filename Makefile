@@ -20,7 +20,7 @@ demo: setup
 	$(VPY) -m fastvit_jax.demo
 
 test: setup
-	$(VPY) -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
+	$(VPY) -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not slow" tests
 
 test-all: setup
 	$(VPY) -m pytest -q -n 2 --dist loadgroup -m "slow or not slow" tests
