@@ -63,10 +63,10 @@ def save_state_dict(path: str, state_dict: Mapping[str, Any], *, overwrite: bool
     Values: numpy arrays or torch tensors. ``inputs`` are never overwritten.
     """
     if path.endswith(".safetensors"):
-        from safetensors.numpy import save_file
+        from fastvit_jax.io import write_safetensors
 
         arrays = {k: np.ascontiguousarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in state_dict.items()}
-        return write_atomically(path, lambda tmp: save_file(arrays, tmp, metadata=dict(metadata or {})),
+        return write_atomically(path, lambda tmp: write_safetensors(arrays, tmp, metadata=metadata),
                                 overwrite=overwrite, inputs=inputs, size_hint=sum(a.nbytes for a in arrays.values()))
     if path.endswith((".pth", ".pth.tar", ".pt", ".bin")):
         import torch

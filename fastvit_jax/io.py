@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from fastvit_jax.variants import pretrained_cfg
 
@@ -148,6 +148,19 @@ def describe_os_error(path: str, error: OSError, size_hint: Optional[int] = None
     return f"cannot write {path!r}: {error.strerror or error}"
 
 
+def write_safetensors(arrays: Mapping[str, np.ndarray], path: str, metadata: Optional[Mapping[str, str]] = None
+                      ) -> None:
+    """Writes ``arrays`` as a .safetensors file at ``path`` itself.
+
+    (safetensors' ``save_file`` goes through a temporary file of its own beside ``path``, which a
+    killed writer leaves behind under a name ``write_atomically`` cannot know; serializing in
+    memory keeps every byte in ``write_atomically``'s own temporary file.)
+    """
+    data = save(dict(arrays), metadata=dict(metadata) if metadata else None)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[str], Any], *, overwrite: bool = True,
                      inputs: Sequence[str | os.PathLike] = (), size_hint: Optional[int] = None) -> str:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
@@ -225,7 +238,7 @@ def save_variables(path: str | os.PathLike, variables: Mapping[str, Any], *, mod
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise WriteError(f"cannot create the output directory {directory!r}: {e.strerror}") from e
-    return write_atomically(path, lambda tmp: save_file(flat, tmp, metadata=meta), overwrite=overwrite, inputs=inputs,
+    return write_atomically(path, lambda tmp: write_safetensors(flat, tmp, metadata=meta), overwrite=overwrite, inputs=inputs,
                             size_hint=sum(a.nbytes for a in flat.values()))
 
 

@@ -255,6 +255,36 @@ def test_stale_temp_file_of_a_killed_run_is_removed(tmp_path, capsys, t8_sd):
     assert not alive.exists()  # never created
 
 
+def test_a_converter_killed_while_writing_leaves_only_its_named_temporary_file(tmp_path, t8_sd):
+    """kill -9 in the middle of the write: the only leftover is ``.<name>.tmp-<pid>`` (the next run
+    removes it), never a temporary file of a library under a name nobody can attribute."""
+    import signal
+    import time
+
+    ckpt, out_dir = _ckpt(tmp_path, t8_sd), tmp_path / "out"
+    out_dir.mkdir()
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "convert", "torch2flax.py")
+    for attempt in range(5):  # the write takes milliseconds: catch it in the act
+        proc = subprocess.Popen([sys.executable, script, str(ckpt), str(out_dir / "out.safetensors")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and not os.listdir(out_dir):
+            time.sleep(0.0002)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        left = os.listdir(out_dir)
+        if left != ["out.safetensors"]:
+            break
+        os.remove(out_dir / "out.safetensors")
+    else:
+        pytest.skip("the write always finished before it could be killed")
+    assert left == [f".out.safetensors.tmp-{proc.pid}"], left
+    r = subprocess.run([sys.executable, script, str(ckpt), str(out_dir / "out.safetensors")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(out_dir) == ["out.safetensors"]
+
+
 def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, t8_sd, monkeypatch):
     import errno
 
@@ -265,7 +295,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, capsys, t8_sd, monke
             f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fastvit_jax.io, "save_file", full)
+    monkeypatch.setattr(fastvit_jax.io, "write_safetensors", full)
     ckpt = _ckpt(tmp_path, t8_sd)
     rc, _, err = _run(torch2flax.main, [ckpt, tmp_path / "out.safetensors"], capsys)
     _assert_refused(tmp_path, rc, err, "no space left on the device (needs about 15.", "MiB free in")
@@ -279,7 +309,7 @@ def test_unwritable_output_is_one_line(tmp_path, capsys, t8_sd, monkeypatch, cod
     def refuse(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(fastvit_jax.io, "save_file", refuse)
+    monkeypatch.setattr(fastvit_jax.io, "write_safetensors", refuse)
     ckpt = _ckpt(tmp_path, t8_sd)
     rc, _, err = _run(torch2flax.main, [ckpt, tmp_path / "out.safetensors"], capsys)
     _assert_refused(tmp_path, rc, err, fragment)
