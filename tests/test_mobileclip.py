@@ -292,18 +292,18 @@ def test_fine_tune_a_converted_tower_with_a_new_head(tmp_path):
     """open_clip checkpoint -> Flax file -> the trainer (``train_tpu.py --variant mci0 --init_from``):
     the tower's body is loaded, the 512-wide CLIP head is replaced by a fresh 10-class one."""
     from fastvit_jax.training import trainer
-    from fastvit_jax.training.config import TrainConfig
+    from fastvit_jax.training.config import get_config
 
     with pytest.warns(UserWarning, match="open_clip checkpoint"):
         tower = convert_state_dict(_open_clip(_tower_sd("mci0")))
     model = fastvit_jax.create_model("mci0", num_classes=tower.num_classes)
     path = fastvit_jax.save_variables(str(tmp_path / "mci0.safetensors"), tower.variables, model=model)
-    cfg = TrainConfig.from_recipe(
+    cfg = get_config(
         "mci0", dataset="demo", data_dir=str(tmp_path / "tfds"), workdir=str(tmp_path / "ft"), init_from=path,
         global_batch_size=8, image_size=64, num_epochs=None, num_steps=1, warmup_steps=1, eval_every=0,
         eval_batch_size=8, log_every=1, randaugment="", reprob=0.0, export=False, plot=False, progress=False)
     res = trainer.train_and_evaluate(cfg)
-    params = jax.device_get(res["state"]).params
+    params = jax.device_get(res.state.params)
     assert params["head"]["fc"]["kernel"].shape == (1024, 10)
     loaded = tower.variables["params"]["stages_3"]["blocks_0"]["token_mixer"]["qkv"]["kernel"]
     np.testing.assert_allclose(params["stages_3"]["blocks_0"]["token_mixer"]["qkv"]["kernel"], loaded, atol=5e-3)
