@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from test_training_e2e import _config, _fake_imagenet  # noqa: E402  (tests/ is on sys.path)
-from tmpfs import run_with_tmpfs, tmpfs_unavailable  # noqa: E402
+from tmpfs import cli_env, run_with_tmpfs, tmpfs_unavailable  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "trainer_worker.py")
@@ -104,8 +104,7 @@ def test_workdir_without_write_permission(data_dir, tmp_path):
     parent = tmp_path / "locked"
     parent.mkdir(mode=0o555)
     cfg = _worker_config(data_dir, parent / "wd", tmp_path)
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, WORKER, str(cfg)], capture_output=True, text=True, env=env, timeout=600)
+    r = _worker(cfg)
     assert r.returncode == 2, r.stderr[-3000:]
     _assert_one_line_error(r.stderr, re.escape(f"cannot write to the --workdir {str(parent / 'wd')!r}: "
                                                "permission denied"))
@@ -132,9 +131,7 @@ def test_export_never_overwrites_the_init_from_file(tmp_path):
 
 
 def _worker(cfg, *extra, timeout=600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("FASTVIT_DEBUG", None)
-    return subprocess.run([sys.executable, WORKER, str(cfg), *extra], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, WORKER, str(cfg), *extra], capture_output=True, text=True, env=cli_env(),
                           timeout=timeout)
 
 

@@ -22,9 +22,15 @@ def tmpfs_unavailable(scratch) -> str:
     return "" if r.returncode == 0 else f"cannot mount a tmpfs in a user namespace: {r.stderr.strip()}"
 
 
-def run_with_tmpfs(script: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``sh -c script`` in a new user + mount namespace (the script mounts what it needs)."""
+def cli_env() -> dict:
+    """The environment of a CLI run by a test: the repository importable, CPU, no FASTVIT_DEBUG
+    (the tests assert that no traceback is printed)."""
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("FASTVIT_DEBUG", None)
-    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env,
+    return env
+
+
+def run_with_tmpfs(script: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``sh -c script`` in a new user + mount namespace (the script mounts what it needs)."""
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=cli_env(),
                           timeout=timeout)

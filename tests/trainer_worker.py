@@ -27,7 +27,8 @@ def fill_disk(path: str, leave_free: int) -> None:
     """Appends to ``path`` until its file system has about ``leave_free`` bytes free."""
     with open(path, "wb") as f:
         while True:
-            free = os.statvfs(os.path.dirname(path)).f_bavail * os.statvfs(os.path.dirname(path)).f_frsize
+            stat = os.statvfs(os.path.dirname(path))
+            free = stat.f_bavail * stat.f_frsize
             chunk = min(1 << 20, free - leave_free)
             if chunk <= 0:
                 return
