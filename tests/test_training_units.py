@@ -100,7 +100,7 @@ def test_every_field_is_protected_unless_listed():
 def test_plan_epochs_steps_and_small_dataset():
     c = get_config("t8", global_batch_size=100, num_epochs=10, warmup_epochs=2)
     p = make_plan(c, 1050)
-    assert (p.steps_per_epoch, p.schedule_steps, p.warmup_steps, p.total_steps) == (10, 100, 20, 100)
+    assert (p.steps_per_epoch, p.schedule_steps, p.warmup_steps, p.total_steps) == (10, 100, 20, 200)  # + 10 cool-down
     p = make_plan(c.replace(num_steps=7), 1050)
     assert p.total_steps == 7 and p.schedule_steps == 100
     p = make_plan(c.replace(num_epochs=None, num_steps=30, warmup_steps=3), 1050)

@@ -88,7 +88,8 @@ class TrainConfig:
     num_epochs: Optional[float] = option(300.0, "epochs of the cosine schedule; 'none' to let --num_steps set it")
     num_steps: Optional[int] = option(None, "stop after this many steps; without --num_epochs it also sets "
                                             "the schedule length")
-    cooldown_epochs: float = option(0.0, "extra epochs at min_lr after the cosine (Apple's timm run used 10)")
+    cooldown_epochs: float = option(10.0, "extra epochs at min_lr after the cosine (Apple's recipe: 10; "
+                                          "ignored when --num_epochs is none)")
     global_batch_size: int = option(1024, "images per step over all devices")
     # Optimiser (AdamW) and schedule.
     lr: Optional[float] = option(None, "absolute peak learning rate (default: lr_base * global_batch_size / "
@@ -228,8 +229,9 @@ def get_config(variant: str = "t8", **overrides: Any) -> TrainConfig:
     """
     name = canonical_name(variant)
     fields = {"variant": name, **VARIANT_RECIPE[name], **overrides}
-    if fields.get("randaugment") is None or str(fields["randaugment"]).lower() in ("none", "off"):
-        fields["randaugment"] = ""
+    if "randaugment" in fields and (fields["randaugment"] is None
+                                    or str(fields["randaugment"]).lower() in ("", "none", "off")):
+        fields["randaugment"] = ""  # off, whichever way it was said; absent keeps the recipe's spec
     return TrainConfig.from_dict(fields)
 
 

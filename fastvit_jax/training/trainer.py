@@ -134,7 +134,8 @@ def _batch_spec(dataset, global_batch_size: int) -> Dict[str, Tuple[tuple, Any]]
     return {k: ((global_batch_size, *spec[k].shape[1:]), spec[k].dtype.as_numpy_dtype) for k in ("image", "label")}
 
 
-def _train_augment(config: TrainConfig):
+def train_augment(config: TrainConfig):
+    """The data pipeline's augmentation settings for ``config`` (RandAugment on unless its spec is empty)."""
     from fastvit_jax.data.pipeline import TrainAugment
 
     return TrainAugment(randaugment=config.randaugment or None, random_erase_prob=config.reprob,
@@ -266,7 +267,7 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
     dataset = make_train_dataset(
         config.dataset, config.data_dir, global_batch_size=config.global_batch_size, image_size=config.image_size,
         seed=config.seed, start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count(), augment=_train_augment(config), **config.normalization,
+        process_count=jax.process_count(), augment=train_augment(config), **config.normalization,
     )
 
     # ---- Steps: the train step compiled before the loop; every process waits for the others.
