@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(parser)
     parser.add_argument("--eval_only", action="store_true",
                         help="only evaluate --init_from (or the workdir's latest checkpoint)")
+    parser.add_argument("--restart_from_scratch", action="store_true",
+                        help="start again from step 0 in a workdir that holds an earlier run (config.json, or "
+                             "checkpoints moved aside as unreadable) but no readable checkpoint")
     parser.add_argument("--no_export", action="store_true", help="skip the fused export of the final EMA weights")
     parser.add_argument("--no_plot", action="store_true", help="skip curves.png")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
@@ -52,7 +55,7 @@ def config_from_args(args: argparse.Namespace):
     from fastvit_jax.training.flags import config_from_flags
 
     return config_from_flags(args, eval_only=args.eval_only, export=not args.no_export, plot=not args.no_plot,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, restart_from_scratch=args.restart_from_scratch)
 
 
 def main(argv=None) -> int:
@@ -110,6 +113,7 @@ def run(make_config, *, model_fn=None, step_callback=None) -> int:
     from fastvit_jax.training.evaluate import evaluate_checkpoint
     from fastvit_jax.training.multihost import EXIT_PEER_LOST, MultihostError
     from fastvit_jax.training.trainer import NonFiniteLossError, train_and_evaluate
+    from fastvit_jax.training.workdir_lock import WorkdirLockedError
 
     def fail(message: str, status: int = 2) -> int:
         if os.environ.get("FASTVIT_DEBUG"):
@@ -130,7 +134,7 @@ def run(make_config, *, model_fn=None, step_callback=None) -> int:
         callback_kwargs = {"step_callback": step_callback} if step_callback is not None else {}
         res = train_and_evaluate(config, **model_kwargs, **callback_kwargs)
     except (DatasetNotFoundError, ConfigMismatchError, CheckpointError, WriteError, DatasetPreparationError,
-            ValueError, FileNotFoundError) as e:
+            WorkdirLockedError, ValueError, FileNotFoundError) as e:
         return fail(str(e))
     except MultihostError as e:
         return fail(str(e), status=EXIT_PEER_LOST)

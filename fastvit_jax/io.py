@@ -200,6 +200,17 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], Any], *, ov
     return path
 
 
+def read_json_file(path: str | os.PathLike, fix: str) -> Any:
+    """``json.load`` of ``path``; a torn or hand-damaged file is a ValueError naming it, where, and ``fix``."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{os.fspath(path)} is torn or not JSON ({e.msg}: line {e.lineno} column {e.colno}, "
+                         f"{len(text)} bytes); {fix}") from None
+
+
 def check_writable_dir(path: str | os.PathLike, what: str = "directory") -> str:
     """Creates ``path`` if needed and proves a file can be written there; ``WriteError`` naming the cause if not."""
     path = os.path.abspath(os.fspath(path))

@@ -70,6 +70,7 @@ NOT_RECIPE = {
     "variant", "data_dir", "workdir", "crop_pct", "dtype", "num_steps", "warmup_steps", "mesh", "fsdp_min_size",
     "seed", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batch_size", "log_every", "init_from",
     "compilation_cache_dir", "distributed_timeout", "barrier_timeout", "eval_only", "export", "plot", "progress",
+    "restart_from_scratch",
 }
 
 

@@ -166,3 +166,118 @@ def test_a_corrupt_newest_checkpoint_does_not_block_resume_or_eval_only(data_dir
     _assert_one_line_error(r.stderr, r"no readable checkpoint in .*; tried step 10: .*; step 5: .* \(the unreadable "
                                      r"ones were moved aside as <step>\.corrupt-<time>\)")
     assert not [n for n in os.listdir(wd / "checkpoints") if n.isdigit()]
+
+
+def _run_cli(config, capsys):
+    """train_tpu.run in this process on the tiny model: (exit status, stdout, the stderr 'error:' lines)."""
+    import train_tpu
+    from test_training_helpers import create_tiny_model  # noqa: E402
+
+    capsys.readouterr()
+    status = train_tpu.run(lambda: config, model_fn=create_tiny_model)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    return status, out, errors if status == 0 else errors + [err]
+
+
+def _listing(wd):
+    return sorted(os.listdir(wd / "checkpoints")), (wd / "config.json").read_bytes() if (wd / "config.json").exists() \
+        else None
+
+
+def test_another_variant_never_condemns_a_healthy_workdir(data_dir, tmp_path, capsys):
+    """The issue's case: --eval_only (or a resume) with a mistyped --variant on a healthy workdir
+    is one line and exit 2, with or without config.json; no checkpoint is moved, and the right
+    variant still resumes and evaluates."""
+    from test_training_e2e import _config  # noqa: E402
+
+    wd = tmp_path / "wd"
+    train = _config(data_dir, wd, export=False, plot=False, mixup=0.0, cutmix=0.0)
+    assert _run_cli(train, capsys)[0] == 0
+    before = _listing(wd)
+    wrong = train.replace(variant="t12")
+
+    status, _, errors = _run_cli(wrong.replace(eval_only=True), capsys)
+    assert status == 2 and len(errors) == 2, errors
+    assert "was trained with --variant t8" in errors[0] and "this run has --variant t12" in errors[0]
+    status, _, errors = _run_cli(wrong, capsys)  # a resume: the config check names the field
+    assert status == 2 and "variant: workdir has 't8', this run has 't12'" in errors[-1]
+    assert _listing(wd) == before
+
+    saved_config = (wd / "config.json").read_bytes()
+    (wd / "config.json").unlink()  # checkpoints alone: their shapes tell
+    for config in (wrong.replace(eval_only=True), wrong.replace(num_steps=20)):
+        status, _, errors = _run_cli(config, capsys)
+        assert status == 2 and len(errors) == 2, errors
+        assert re.search(r"checkpoint step 10 in .* holds another model: params/.* is \(.*\) in the checkpoint, "
+                         r"\(.*\) in this model.*Nothing was moved", errors[0]), errors[0]
+    assert sorted(os.listdir(wd / "checkpoints")) == before[0]
+    (wd / "config.json").write_bytes(saved_config)
+
+    status, out, _ = _run_cli(train.replace(eval_only=True), capsys)
+    assert status == 0 and json.loads(out)["num_examples"] == 8
+    assert _listing(wd) == before
+
+
+def test_no_silent_fresh_start_in_a_workdir_of_an_earlier_run(data_dir, tmp_path, capsys):
+    """Every checkpoint unreadable: exit 2 (they are moved aside); the next start refuses step 0
+    (config.json and the moved-aside steps name an earlier run) until --restart_from_scratch,
+    which trains from step 0 with each step logged once."""
+    from test_training_e2e import _config  # noqa: E402
+    from test_training_units import _damage  # noqa: E402
+
+    wd = tmp_path / "wd"
+    train = _config(data_dir, wd, export=False, plot=False, mixup=0.0, cutmix=0.0)
+    assert _run_cli(train, capsys)[0] == 0
+    for step in ("5", "10"):
+        _damage(wd / "checkpoints" / step, "truncated data")
+    status, _, errors = _run_cli(train, capsys)
+    assert status == 2 and "no readable checkpoint" in errors[0]
+
+    status, _, errors = _run_cli(train, capsys)
+    assert status == 2 and len(errors) == 2, errors
+    assert re.search(r"holds an earlier run \(config\.json and checkpoints moved aside as unreadable "
+                     r"\(10\.corrupt-.*, 5\.corrupt-.*\)\) but no readable checkpoint.*--restart_from_scratch",
+                     errors[0]), errors[0]
+    assert not [n for n in os.listdir(wd / "checkpoints") if n.isdigit()]
+
+    status, _, errors = _run_cli(train.replace(restart_from_scratch=True), capsys)
+    assert status == 0, errors
+    steps = [json.loads(line)["step"] for line in (wd / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == list(range(1, 11))
+
+
+def test_one_trainer_per_workdir(data_dir, tmp_path, capsys):
+    """A second trainer on a workdir held by a live one exits 2 naming the holder's pid and host,
+    touching nothing; kill -9 of the holder releases the lock and the same command runs."""
+    import signal
+    import socket
+
+    from test_training_e2e import _config  # noqa: E402
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fastvit_jax.training.workdir_lock import WorkdirLock\n"
+                               "with WorkdirLock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)",
+         str(wd)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        train = _config(data_dir, wd, export=False, plot=False, mixup=0.0, cutmix=0.0, num_steps=5)
+        status, _, errors = _run_cli(train, capsys)
+        assert status == 2 and len(errors) == 2, errors
+        assert re.search(rf"--workdir .* is in use by another trainer \(pid {holder.pid} on "
+                         rf"{re.escape(socket.gethostname())}, started .*\); wait for it to end", errors[0]), errors[0]
+        assert sorted(os.listdir(wd)) == ["trainer.lock"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    status, _, errors = _run_cli(train, capsys)
+    assert status == 0, errors
+    from fastvit_jax.training.workdir_lock import WorkdirLock, WorkdirLockedError
+
+    with WorkdirLock(str(wd)):  # released at the end of the run; held again, a second holder is refused
+        with pytest.raises(WorkdirLockedError, match=f"pid {os.getpid()} on"):
+            WorkdirLock(str(wd)).__enter__()

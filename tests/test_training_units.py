@@ -369,6 +369,33 @@ def test_no_readable_checkpoint_names_every_step(tmp_path, tiny_variables):
     assert sorted(n.split(".")[0] for n in os.listdir(tmp_path / "checkpoints") if ".corrupt-" in n) == ["3", "6"]
 
 
+@pytest.mark.parametrize("other", [dict(num_classes=10, width=8), dict(num_classes=3)])
+def test_a_checkpoint_of_another_model_is_refused_never_moved(tmp_path, tiny_variables, other):
+    """Another width (a mistyped --variant) or class count: CheckpointMismatchError naming the
+    tensor and both shapes, for the train restore and the eval-only partial restore; every step
+    stays where it was, and the right model still restores."""
+    from fastvit_jax.training.checkpoint import CheckpointMismatchError, restore_eval_variables
+
+    abstract = _two_checkpoints(tmp_path, tiny_variables)
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    wrong = TinyNet(**other).init({"params": jax.random.PRNGKey(1)}, jnp.zeros((1, 16, 16, 3)), train=False)
+    tx = make_optimizer(lr_schedule(1e-3, total_steps=10), weight_decay=0.05)
+    wrong_abstract = jax.eval_shape(lambda v: create_state(v, tx), wrong)
+    c = Checkpointer(str(tmp_path))
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint step 6 .* holds another model: params/.* is "
+                                                      r"\(.*\) in the checkpoint, \(.*\) in this model.*Nothing "
+                                                      r"was moved"):
+        c.restore(wrong_abstract)
+    c.close()
+    eval_abstract = {k: getattr(wrong_abstract, k) for k in ("params", "batch_stats", "ema_params", "ema_batch_stats")}
+    with pytest.raises(CheckpointMismatchError):
+        restore_eval_variables(str(tmp_path), eval_abstract)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+    c = Checkpointer(str(tmp_path))
+    assert c.restore(abstract)[1] == 6
+    c.close()
+
+
 def test_merge_pretrained_new_head_and_mismatch(tiny_variables):
     fresh = jax.device_get(TinyNet(num_classes=3).init({"params": jax.random.PRNGKey(5)},
                                                          jnp.zeros((1, 16, 16, 3)), train=False))
@@ -521,3 +548,33 @@ def test_data_normalization_follows_the_variant():
     assert get_config("t8").normalization == {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     assert get_config("mci0").normalization == {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
     assert get_config("mci3").normalization["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+def test_torn_metrics_config_and_topology_files(tmp_path, caplog):
+    """A torn last line of metrics.jsonl is dropped with a warning (the next record starts on
+    its own line); a damaged earlier line, a torn config.json or topology.json is a ValueError
+    naming the file and the fix."""
+    from fastvit_jax.training.config import read_workdir_config
+    from fastvit_jax.training.metrics import MetricWriter, read_metrics
+    from fastvit_jax.training.multihost import topology_change
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "kind": "train", "loss": 2.0}\n{"step": 2, "kind": "tr')
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1]
+    with caplog.at_level(logging.WARNING, logger="fastvit_jax.training"):
+        writer = MetricWriter(str(tmp_path), tensorboard=False)
+    assert "dropped a torn last line (23 bytes" in caplog.text
+    writer.write(2, "train", {"loss": 1.5})
+    writer.close()
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2]
+    path.write_text('{"step": 1, "kind": "train"}\n{"step": 2, "ki\n{"step": 3, "kind": "train"}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl line 2 is not a JSON record"):
+        read_metrics(str(tmp_path))
+
+    (tmp_path / "config.json").write_text('{"variant": "t8", "dataset": "imagen')
+    with pytest.raises(ValueError, match=r"config\.json is torn or not JSON \(Unterminated string starting at: line 1 "
+                                         r"column 30, 36 bytes\); .*delete it and rerun with the run's own flags"):
+        read_workdir_config(str(tmp_path))
+    (tmp_path / "topology.json").write_text('{"process_count": 1, "dev')
+    with pytest.raises(ValueError, match=r"topology\.json is torn or not JSON .*delete it and rerun"):
+        topology_change(str(tmp_path), 5)

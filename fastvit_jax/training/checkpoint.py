@@ -1,9 +1,14 @@
 """Orbax CheckpointManager wrapper: async saves, keep-last-N, sharded restore.
 
-A checkpoint that cannot be read (truncated data, missing metadata, another structure) does
-not block a run: restore tries the steps newest first, moves each unreadable one aside to
+A checkpoint that cannot be read (truncated data, missing or damaged metadata) does not
+block a run: restore tries the steps newest first, moves each unreadable one aside to
 ``<step>.corrupt-<utc time>`` (nothing is deleted), logs one line naming it and the error, and
 uses the newest readable one. ``CheckpointError`` names every step tried when none is.
+
+A checkpoint that is readable but holds another model (a mistyped ``--variant``, another
+class count) is never moved: its stored shapes are compared with the model's before any
+array is read, and ``CheckpointMismatchError`` names the first differing tensor, both
+shapes and the step; the files stay as they are.
 
 A save that fails on the file system (disk full, quota, permission, read-only) raises
 ``CheckpointWriteError``: one line naming the step, the directory, the cause and, for a full
@@ -21,7 +26,7 @@ import os
 import shutil
 import time
 import traceback
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -35,6 +40,10 @@ log = logging.getLogger("fastvit_jax.training")
 
 class CheckpointError(RuntimeError):
     """No checkpoint of the workdir could be read; the message lists each step and its error."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint holds another model than the one being restored; nothing was moved."""
 
 
 class CheckpointWriteError(WriteError):
@@ -103,17 +112,107 @@ def move_aside(directory: str, step: int) -> str:
     return target
 
 
-def restore_newest_readable(manager: "ocp.CheckpointManager", directory: str,
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _shapes_by_path(tree: Any) -> Dict[str, Tuple[int, ...]]:
+    """{'head/fc/kernel': shape} of a tree of arrays, ShapeDtypeStructs or orbax ArrayMetadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves
+            if hasattr(leaf, "shape")}
+
+
+def _field(tree: Any, name: str) -> Any:
+    return tree.get(name) if isinstance(tree, dict) else getattr(tree, name, None)
+
+
+MODEL_FIELDS = ("params", "batch_stats")  # what a different model changes (the rest follows from them)
+
+
+def model_mismatch(stored: Any, abstract: Any) -> Optional[str]:
+    """How the model tensors of a checkpoint's stored tree differ from ``abstract``'s, or None.
+
+    Compares the shapes under ``MODEL_FIELDS`` (params / batch_stats) by path; returns e.g.
+    "params/head/fc/kernel is (192, 10) in the checkpoint, (256, 10) in this model (and 40 more)".
+    """
+    differences: List[str] = []
+    for name in MODEL_FIELDS:
+        want, have = _field(abstract, name), _field(stored, name)
+        if want is None:
+            continue
+        if have is None:
+            differences.append(f"{name} is missing from the checkpoint")
+            continue
+        want_shapes, have_shapes = _shapes_by_path(want), _shapes_by_path(have)
+        for path in sorted(set(want_shapes) | set(have_shapes)):
+            a, b = have_shapes.get(path), want_shapes.get(path)
+            if a == b:
+                continue
+            where = f"{name}/{path}"
+            if a is None:
+                differences.append(f"{where} is in this model, not in the checkpoint")
+            elif b is None:
+                differences.append(f"{where} is in the checkpoint, not in this model")
+            else:
+                differences.append(f"{where} is {a} in the checkpoint, {b} in this model")
+    if not differences:
+        return None
+    more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+    return differences[0] + more
+
+
+def stored_tree(directory: str, step: int) -> Any:
+    """The tree of ArrayMetadata (shapes, dtypes) saved with ``<directory>/<step>``; raises if unreadable."""
+    from etils import epath
+
+    return ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory) / str(step) / "default").tree
+
+
+# Phrases of orbax / tensorstore errors that mean "the target asks for other shapes", not damage.
+_MISMATCH_PHRASES = ("requested shape", "does not match", "mismatch", "incompatible shape", "not compatible")
+
+
+def _is_mismatch(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, (ValueError, KeyError, TypeError)) and any(p in text for p in _MISMATCH_PHRASES)
+
+
+def restore_newest_readable(manager: "ocp.CheckpointManager", directory: str, abstract: Any,
                             restore: Callable[[int], Any]) -> Tuple[Any, int]:
-    """``restore(step)`` on the steps newest first; unreadable steps are moved aside. Returns (tree, step)."""
+    """``restore(step)`` on the steps newest first. Returns (tree, step).
+
+    Unreadable steps are moved aside and the next older one is tried; a readable step that
+    holds another model than ``abstract`` raises ``CheckpointMismatchError`` and nothing moves.
+    """
     tried: List[str] = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            return restore(step), int(step)
-        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
-            moved = move_aside(directory, step)
-            log.warning("checkpoint step %d is unreadable (%s); moved aside to %s", step, _first_line(e), moved)
-            tried.append(f"step {step}: {_first_line(e)}")
+            stored = stored_tree(directory, step)
+        except Exception as e:  # noqa: BLE001 - missing/damaged metadata: the step is unreadable
+            error: Optional[BaseException] = e
+        else:
+            mismatch = model_mismatch(stored, abstract)
+            if mismatch:
+                raise CheckpointMismatchError(
+                    f"checkpoint step {step} in {directory} holds another model: {mismatch}. Nothing was moved or "
+                    f"changed; rerun with the settings it was trained with (see its config.json: --variant, "
+                    f"--num_classes), or use a new --workdir")
+            try:
+                return restore(step), int(step)
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for damaged files
+                if _is_mismatch(e):
+                    raise CheckpointMismatchError(
+                        f"checkpoint step {step} in {directory} does not fit this run's state ({_first_line(e)}); "
+                        f"nothing was moved or changed; rerun with the settings it was trained with, or use a "
+                        f"new --workdir") from e
+                error = e
+        moved = move_aside(directory, step)
+        log.warning("checkpoint step %d is unreadable (%s); moved aside to %s", step, _first_line(error), moved)
+        tried.append(f"step {step}: {_first_line(error)}")
     manager.reload()
     raise CheckpointError(f"no readable checkpoint in {directory}; tried " + "; ".join(tried)
                           + " (the unreadable ones were moved aside as <step>.corrupt-<time>)")
@@ -178,7 +277,7 @@ class Checkpointer:
         if self.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         restored = restore_newest_readable(
-            self.manager, self.directory,
+            self.manager, self.directory, abstract_state,
             lambda step: self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state)))
         self.manager.reload()  # steps moved aside are gone from the manager's view
         return restored
@@ -233,7 +332,7 @@ def restore_eval_variables(workdir: str, abstract_variables: Any) -> Any:
         if manager.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint found under {directory}")
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_variables)
-        restored, _ = restore_newest_readable(manager, directory, lambda step: manager.restore(
+        restored, _ = restore_newest_readable(manager, directory, abstract_variables, lambda step: manager.restore(
             step, args=ocp.args.PyTreeRestore(item=abstract_variables, restore_args=restore_args,
                                               partial_restore=True)))
         return restored

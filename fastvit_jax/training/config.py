@@ -52,7 +52,7 @@ RUN_LENGTH_FIELDS: Tuple[str, ...] = ("num_epochs", "num_steps", "cooldown_epoch
 BOOKKEEPING_FIELDS: Tuple[str, ...] = (
     "data_dir", "workdir", "mesh", "fsdp_min_size", "checkpoint_every", "keep_checkpoints", "eval_every",
     "eval_batch_size", "log_every", "init_from", "eval_only", "export", "plot", "progress",
-    "compilation_cache_dir", "distributed_timeout", "barrier_timeout",
+    "compilation_cache_dir", "distributed_timeout", "barrier_timeout", "restart_from_scratch",
 )
 
 
@@ -146,6 +146,9 @@ class TrainConfig:
     export: bool = option(True, "write the fused export of the final EMA weights", flag=False)
     plot: bool = option(True, "write curves.png", flag=False)
     progress: bool = option(True, "show a tqdm progress bar", flag=False)
+    restart_from_scratch: bool = option(
+        False, "start again from step 0 in a workdir that has config.json or checkpoints moved aside as "
+               "unreadable but no readable checkpoint (refused without it; its metrics.jsonl is cleared)", flag=False)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -259,11 +262,29 @@ def config_differences(saved: Dict[str, Any], current: TrainConfig) -> Dict[str,
 
 def read_workdir_config(workdir: str) -> Optional[Dict[str, Any]]:
     """The workdir's config.json as a dict, or None for a new workdir."""
+    from fastvit_jax.io import read_json_file
+
     path = os.path.join(workdir, CONFIG_FILENAME)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json_file(path, "it is the run's settings, rewritten at every checkpoint: restore it from a copy, or "
+                                "delete it and rerun with the run's own flags (they are then not checked)")
+
+
+# What the checkpoints of a workdir depend on: --eval_only on a workdir must agree on these.
+MODEL_DEFINING_FIELDS: Tuple[str, ...] = ("variant", "num_classes", "image_size")
+
+
+def check_eval_config(workdir: str, config: TrainConfig) -> None:
+    """Refuses (one line) to evaluate a workdir's checkpoints as another variant, class count or size."""
+    saved = read_workdir_config(workdir)
+    if saved is None:
+        return
+    for name in MODEL_DEFINING_FIELDS:
+        if saved.get(name) is not None and not _same(saved[name], getattr(config, name)):
+            raise ConfigMismatchError(
+                f"workdir {workdir!r} was trained with --{name} {saved[name]} (its {CONFIG_FILENAME}), this run "
+                f"has --{name} {getattr(config, name)}; rerun with --{name} {saved[name]}")
 
 
 def write_workdir_config(workdir: str, config: TrainConfig) -> None:

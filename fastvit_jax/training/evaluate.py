@@ -23,7 +23,7 @@ from fastvit_jax.training import checkpoint as ckpt_lib
 from fastvit_jax.training import mesh as mesh_lib
 from fastvit_jax.training import multihost
 from fastvit_jax.training.compile_cache import enable_compilation_cache
-from fastvit_jax.training.config import TrainConfig
+from fastvit_jax.training.config import TrainConfig, check_eval_config
 from fastvit_jax.training.metrics import MetricWriter
 from fastvit_jax.training.pretrained import load_weights_file, tree_matches
 from fastvit_jax.training.setup import resolve_dtype, setup_run
@@ -88,6 +88,7 @@ def _workdir_of(path: str) -> str:
 
 
 def _variables_from_workdir(workdir: str, model: nn.Module, config: TrainConfig, mesh: Mesh) -> Dict[str, dict]:
+    check_eval_config(workdir, config)
     shapes = jax.eval_shape(lambda: init_variables(model, config.image_size))
     abstract = {"params": shapes["params"], "batch_stats": shapes["batch_stats"],
                 "ema_params": shapes["params"], "ema_batch_stats": shapes["batch_stats"]}

@@ -6,11 +6,14 @@ View the TensorBoard scalars with ``tensorboard --logdir <workdir>/tensorboard``
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Dict, List, Optional, Tuple
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tensorboard"  # view with: tensorboard --logdir <workdir>/tensorboard
+
+log = logging.getLogger("fastvit_jax.training")
 
 
 class MetricWriter:
@@ -22,6 +25,7 @@ class MetricWriter:
         self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
+            drop_torn_last_line(self.path)  # what kill -9 or a full disk mid-append leaves
             if tensorboard:
                 import tensorflow as tf
 
@@ -63,14 +67,45 @@ class MetricWriter:
             self._tb.close()
 
 
+def _parse_records(path: str) -> Tuple[List[dict], int]:
+    """(records, bytes of a torn last line or 0). A damaged line before the last is a ValueError naming it."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records: List[dict] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if number == len(lines):  # no newline after it: an append cut short
+                return records, len(line)
+            raise ValueError(f"{path} line {number} is not a JSON record ({e}); edit or delete that line") from None
+    return records, 0
+
+
+def drop_torn_last_line(path: str) -> None:
+    """Removes a torn last record of metrics.jsonl (with a warning); the steps it held are logged again."""
+    if not os.path.exists(path):
+        return
+    records, torn = _parse_records(path)
+    if torn:
+        log.warning("%s: dropped a torn last line (%d bytes, an append cut short by a crash or a full disk)", path,
+                    torn)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(tmp, path)
+
+
 def read_metrics(workdir_or_path: str) -> List[dict]:
+    """The records of metrics.jsonl (a torn last line is left out)."""
     path = workdir_or_path
     if os.path.isdir(path):
         path = os.path.join(path, METRICS_FILENAME)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return _parse_records(path)[0]
 
 
 def _last_per_step(records: List[dict], kind: str, key: str) -> Tuple[List[int], List[float]]:

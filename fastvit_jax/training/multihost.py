@@ -188,8 +188,10 @@ def topology_change(workdir: str, step: int) -> Optional[str]:
     path = os.path.join(workdir, TOPOLOGY_FILENAME)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        saved = json.load(f)
+    from fastvit_jax.io import read_json_file
+
+    saved = read_json_file(path, "it only records the process count of the last checkpoint: delete it and rerun "
+                                 "(it is rewritten at the next checkpoint)")
     now = current_topology()
     if saved.get("process_count") == now["process_count"]:
         return None

@@ -11,6 +11,7 @@ computed over the *global* batch (sync-BN); Apple's PyTorch DDP run normalised p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -29,7 +30,7 @@ from fastvit_jax.training import checkpoint as ckpt_lib
 from fastvit_jax.training import mesh as mesh_lib
 from fastvit_jax.training import multihost
 from fastvit_jax.training.compile_cache import count_cache_hits, enable_compilation_cache
-from fastvit_jax.training.config import TrainConfig, check_workdir_config, write_workdir_config
+from fastvit_jax.training.config import CONFIG_FILENAME, TrainConfig, check_workdir_config, write_workdir_config
 from fastvit_jax.training.evaluate import run_eval
 from fastvit_jax.training.metrics import MetricWriter, plot_curves
 from fastvit_jax.training.optimizer import lr_schedule, make_optimizer
@@ -39,6 +40,7 @@ from fastvit_jax.training.pretrained import export_fused, load_weights_file, mer
 from fastvit_jax.training.setup import resolve_dtype, setup_run
 from fastvit_jax.training.state import TrainState, create_state, init_variables
 from fastvit_jax.training.steps import make_eval_step, make_train_step
+from fastvit_jax.training.workdir_lock import WorkdirLock
 
 log = logging.getLogger("fastvit_jax.training")
 
@@ -91,9 +93,28 @@ def _log_plan(plan: Plan, length_changes: Dict[str, Tuple[Any, Any]]) -> None:
     log.info("plan: %s", plan.describe())
 
 
+def refuse_fresh_start(config: TrainConfig, checkpoint_directory: str) -> None:
+    """Raises CheckpointError when a workdir without a readable checkpoint shows an earlier run
+    (config.json, or checkpoints moved aside as unreadable), unless --restart_from_scratch."""
+    leftovers = []
+    if os.path.exists(os.path.join(config.workdir, CONFIG_FILENAME)):
+        leftovers.append(CONFIG_FILENAME)
+    aside = sorted(n for n in os.listdir(checkpoint_directory) if ".corrupt-" in n) \
+        if os.path.isdir(checkpoint_directory) else []
+    if aside:
+        leftovers.append(f"checkpoints moved aside as unreadable ({', '.join(aside)})")
+    if leftovers and not config.restart_from_scratch:
+        raise ckpt_lib.CheckpointError(
+            f"--workdir {config.workdir!r} holds an earlier run ({' and '.join(leftovers)}) but no readable "
+            f"checkpoint; starting at step 0 there would mix two runs. Pass --restart_from_scratch to start over in "
+            f"it, or use a new --workdir")
+
+
 def _initial_state(config: TrainConfig, model: nn.Module, tx, shardings: Any, abstract_state: TrainState,
                    checkpointer: ckpt_lib.Checkpointer, init_rng: jax.Array) -> Tuple[TrainState, Optional[int]]:
     """(state, resumed_from): the workdir's latest checkpoint, else --init_from merged, else fresh."""
+    if checkpointer.latest_step() is None:
+        refuse_fresh_start(config, checkpointer.directory)
     if checkpointer.latest_step() is not None:
         if config.init_from:
             log.info("--init_from ignored: resuming from the workdir's checkpoint")
@@ -222,12 +243,13 @@ def train_and_evaluate(config: TrainConfig, *, model_fn: Callable[..., nn.Module
     ends this process with status ``multihost.EXIT_PEER_LOST`` and a message naming it.
     """
     config.validate()
-    with multihost.PeerWatchdog(config.distributed_timeout, _resume_hint(config.workdir)):
-        return _train_and_evaluate(config, model_fn, step_callback)
+    with contextlib.ExitStack() as held, multihost.PeerWatchdog(config.distributed_timeout,
+                                                                _resume_hint(config.workdir)):
+        return _train_and_evaluate(config, model_fn, step_callback, held)
 
 
 def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
-                        step_callback: Optional[StepCallback]) -> TrainResult:
+                        step_callback: Optional[StepCallback], held: contextlib.ExitStack) -> TrainResult:
     from fastvit_jax.data.pipeline import device_prefetch, make_train_dataset
 
     t_start = time.perf_counter()
@@ -239,6 +261,7 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
     is_main = jax.process_index() == 0
     if is_main:
         check_writable_dir(config.workdir, "--workdir")
+    held.enter_context(WorkdirLock(config.workdir, enabled=is_main))  # until the run ends, or the process dies
     length_changes = check_workdir_config(config.workdir, config)  # config.json is written with the first checkpoint
     plan = make_plan(config, info.num_train)
     _log_plan(plan, length_changes)
@@ -285,6 +308,8 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
     writer = MetricWriter(config.workdir, enabled=is_main)
     if resumed_from is not None and writer.truncate_after(resumed_from):
         log.info("metrics.jsonl: dropped the records after step %d (they are logged again)", resumed_from)
+    elif resumed_from is None and config.restart_from_scratch and writer.truncate_after(0):
+        log.info("metrics.jsonl: --restart_from_scratch dropped the earlier run's records")
     progress_bar = _progress_bar(config, plan, start_step)
     train_log = TrainLog(writer, plan, config.global_batch_size, progress_bar)
     train_log.last_checkpoint = resumed_from
