@@ -97,7 +97,7 @@ def configure_logging() -> None:
 def run(make_config, *, model_fn=None, step_callback=None) -> int:
     """Builds the config, trains (or evaluates) and reports; returns the exit status.
 
-    0: done or preempted (SIGTERM, checkpoint saved); 2: a problem the user can fix (bad flag,
+    0: done or stopped by SIGTERM / one Ctrl-C (checkpoint saved); 130: a second Ctrl-C (one line); 2: a problem the user can fix (bad flag,
     missing dataset or checkpoint, changed config, file system full/unwritable), one line on
     stderr; 3: the loss became NaN/inf; 4: the processes of a multi-process job did not meet
     (a barrier timed out, process 0 failed to prepare the data; a lost peer exits with 4 from
@@ -138,6 +138,10 @@ def run(make_config, *, model_fn=None, step_callback=None) -> int:
         return fail(str(e))
     except MultihostError as e:
         return fail(str(e), status=EXIT_PEER_LOST)
+    except KeyboardInterrupt:  # before the trainer's handler, or a second Ctrl-C
+        where = config.workdir if config else "the workdir"
+        return fail(f"interrupted: nothing was saved after {where}'s last checkpoint; rerun the same command to "
+                    f"resume (one Ctrl-C saves a checkpoint and stops)", status=130)
     except NonFiniteLossError as e:
         return fail(str(e), status=3)
     except Exception as e:  # noqa: BLE001 - file-system failures of any writer (TensorBoard's are TF errors)
@@ -147,7 +151,7 @@ def run(make_config, *, model_fn=None, step_callback=None) -> int:
         where = cause.filename or getattr(e, "filename", None) or (config.workdir if config else os.getcwd())
         return fail(describe_os_error(where, cause))
     if res.preempted:
-        print(f"preempted at step {res.final_step}; rerun the same command to resume from {res.workdir}")
+        print(f"stopped at step {res.final_step}; rerun the same command to resume from {res.workdir}")
         return 0
     ev = res.eval or {}
     print(

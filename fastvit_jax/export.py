@@ -172,6 +172,7 @@ def export(checkpoint: str, output: str, *, fmt: Optional[str] = None, image_siz
     """Export ``checkpoint`` (any file ``load_model`` reads) to ``output``; see the module docstring."""
     from fastvit_jax.io import write_atomically
     from fastvit_jax.loading import load_model
+    from fastvit_jax.variants import check_image_size
 
     fmt = format_of(output, fmt)
     if os.path.exists(output) and not overwrite:
@@ -182,10 +183,10 @@ def export(checkpoint: str, output: str, *, fmt: Optional[str] = None, image_siz
         raise ExportError("--float16 applies to TFLite exports only")
     model, variables = load_model(checkpoint, inference_mode=True, lowering="native")
     size = model.pretrained_cfg.image_size if image_size is None else int(image_size)
-    stride = model.cfg.reduction
-    if size <= 0 or size % stride:
-        raise ExportError(f"image size {size} is not a positive multiple of {stride} (FastViT-{model.cfg.name}'s "
-                          "total stride)")
+    try:
+        check_image_size(size)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     if fmt == "onnx":
         write = lambda tmp: write_onnx(tmp, model, variables, size, batch)  # noqa: E731
     else:

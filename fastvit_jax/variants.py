@@ -224,6 +224,23 @@ PAPER_NUMBERS = {
 }
 
 
+# Input sides every variant takes: FastViT halves the resolution five times (stem, then four
+# downsamplings, 32 in all); multiples of 16 from 32 up keep every feature map at least 1x1
+# with the same padding arithmetic as PyTorch, and ONNX / TFLite exports agree with JAX there
+# (the demo trains at 48 px).
+IMAGE_SIZE_MULTIPLE = 16
+MIN_IMAGE_SIZE = 32
+
+
+def check_image_size(size: int, flag: str = "--image_size") -> int:
+    """``size`` if every variant accepts it, else a ValueError naming ``flag`` and the nearest valid size."""
+    if size >= MIN_IMAGE_SIZE and size % IMAGE_SIZE_MULTIPLE == 0:
+        return size
+    nearest = max(MIN_IMAGE_SIZE, round(size / IMAGE_SIZE_MULTIPLE) * IMAGE_SIZE_MULTIPLE)
+    raise ValueError(f"{flag} must be a multiple of {IMAGE_SIZE_MULTIPLE} and at least {MIN_IMAGE_SIZE}, got {size} "
+                     f"(nearest valid: {flag} {nearest})")
+
+
 def canonical_name(variant: str) -> str:
     """'fastvit_sa12' / 'SA12' / 'sa12' -> 'sa12'. Raises ValueError for unknown names."""
     if not isinstance(variant, str):

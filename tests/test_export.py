@@ -23,7 +23,7 @@ from fastvit_jax import export
 from helpers import torch_fused, torch_logits, torch_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZES = {"t8": 128, "sa12": 128, "ma36": 64}
+SIZES = {"t8": 48, "sa12": 128, "ma36": 64}  # 48: a size the trainer makes (a multiple of 16, not 32)
 
 
 def _timm_file(directory, variant: str, module) -> str:
@@ -123,7 +123,8 @@ def test_bad_requests_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypat
     refused([ckpt, tmp_path / "m.xyz"], "cannot tell the format of", tmp_path / "m.xyz")
     refused([ckpt, tmp_path / "m.bin", "--format", "coreml"], "unknown format 'coreml'; valid: onnx, tflite",
             tmp_path / "m.bin")
-    refused([ckpt, tmp_path / "m.onnx", "--image_size", "100"], "image size 100 is not a positive multiple of 32",
+    refused([ckpt, tmp_path / "m.onnx", "--image_size", "100"], "--image_size must be a multiple of 16 and at least "
+            "32, got 100 (nearest valid: --image_size 96)",
             tmp_path / "m.onnx")
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     refused([tmp_path / "junk.safetensors", tmp_path / "m.onnx"], "is not a readable .safetensors file",

@@ -168,13 +168,14 @@ def test_a_corrupt_newest_checkpoint_does_not_block_resume_or_eval_only(data_dir
     assert not [n for n in os.listdir(wd / "checkpoints") if n.isdigit()]
 
 
-def _run_cli(config, capsys):
-    """train_tpu.run in this process on the tiny model: (exit status, stdout, the stderr 'error:' lines)."""
+def _run_cli(config, capsys, **run_kwargs):
+    """train_tpu.run in this process on the tiny model: (exit status, stdout, the stderr 'error:' lines
+    plus, after a failure, the whole stderr)."""
     import train_tpu
     from test_training_helpers import create_tiny_model  # noqa: E402
 
     capsys.readouterr()
-    status = train_tpu.run(lambda: config, model_fn=create_tiny_model)
+    status = train_tpu.run(lambda: config, model_fn=create_tiny_model, **run_kwargs)
     out, err = capsys.readouterr()
     assert "Traceback" not in err, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -281,3 +282,137 @@ def test_one_trainer_per_workdir(data_dir, tmp_path, capsys):
     with WorkdirLock(str(wd)):  # released at the end of the run; held again, a second holder is refused
         with pytest.raises(WorkdirLockedError, match=f"pid {os.getpid()} on"):
             WorkdirLock(str(wd)).__enter__()
+
+
+def _checkpoint_steps(wd):
+    return sorted(int(n) for n in os.listdir(wd / "checkpoints") if n.isdigit())
+
+
+def test_ctrl_c_saves_and_stops_a_second_one_aborts(data_dir, tmp_path, capsys, monkeypatch):
+    """One Ctrl-C (SIGINT) is a preemption: checkpoint at that step, exit 0, handlers restored,
+    the same command resumes. A second Ctrl-C later aborts: one line, exit 130."""
+    import signal
+
+    from fastvit_jax.training import preemption
+    from test_training_e2e import _config  # noqa: E402
+
+    wd = tmp_path / "wd"
+    train = _config(data_dir, wd, export=False, plot=False, mixup=0.0, cutmix=0.0, checkpoint_every=100)
+    handlers = {s: signal.getsignal(s) for s in preemption.STOP_SIGNALS}
+
+    def ctrl_c_at(step, times):
+        def callback(s, metrics):
+            if s == step:
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)
+        return callback
+
+    status, out, _ = _run_cli(train, capsys, step_callback=ctrl_c_at(3, 1))
+    assert status == 0 and "stopped at step 3" in out
+    assert _checkpoint_steps(wd) == [3]
+    assert {s: signal.getsignal(s) for s in preemption.STOP_SIGNALS} == handlers
+
+    monkeypatch.setattr(preemption, "FORCE_AFTER_S", 0.0)
+    status, _, errors = _run_cli(train, capsys, step_callback=ctrl_c_at(5, 2))
+    assert status == 130 and len(errors) == 2, errors
+    assert errors[0].startswith("error: interrupted: nothing was saved after") and "rerun the same command" in errors[0]
+    assert _checkpoint_steps(wd) == [3]
+    assert {s: signal.getsignal(s) for s in preemption.STOP_SIGNALS} == handlers
+
+
+def test_sigterm_during_compilation_and_final_evaluation(data_dir, tmp_path, capsys, monkeypatch):
+    """SIGTERM while the step compiles: exit 0 before the first step, nothing lost; while the
+    final evaluation runs: exit 0 with the final checkpoint saved and no export; the same command
+    then evaluates and exports without training."""
+    import signal
+
+    from fastvit_jax.training import trainer
+    from test_training_e2e import _config  # noqa: E402
+
+    wd = tmp_path / "wd"
+    train = _config(data_dir, wd, export=True, plot=False, mixup=0.0, cutmix=0.0)
+    real_compile, real_evaluate = trainer._compile_train_step, trainer._evaluate
+
+    def compile_then_term(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_compile(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_compile_train_step", compile_then_term)
+    status, out, _ = _run_cli(train, capsys)
+    assert status == 0 and "stopped at step 0" in out and not os.listdir(wd / "checkpoints")
+    monkeypatch.setattr(trainer, "_compile_train_step", real_compile)
+
+    def evaluate_then_term(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_evaluate", evaluate_then_term)
+    status, out, _ = _run_cli(train, capsys)
+    assert status == 0 and "stopped at step 10" in out
+    assert _checkpoint_steps(wd) == [5, 10] and not (wd / "export").exists()
+    monkeypatch.setattr(trainer, "_evaluate", real_evaluate)
+    status, out, _ = _run_cli(train, capsys)
+    assert status == 0 and "done: step 10" in out and os.listdir(wd / "export")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped bytes", "deleted shard", "data_dir is a file"])
+def test_damaged_dataset_is_one_line_and_leaves_no_empty_workdir(data_dir, tmp_path, capsys, damage):
+    """A truncated or corrupted train shard, a deleted one, a --data_dir that is a file: exit 2, one
+    line naming the dataset folder and how to rebuild it; the new workdir is not left behind."""
+    import shutil
+
+    from test_training_e2e import _config  # noqa: E402
+
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    shard = next((copy / "imagenet2012").glob("*/imagenet2012-train.tfrecord-*"))
+    if damage == "truncated":
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size // 2)
+    elif damage == "flipped bytes":
+        data = bytearray(shard.read_bytes())
+        for i in range(len(data) // 3, len(data) // 3 + 64):
+            data[i] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    elif damage == "deleted shard":
+        shard.unlink()
+    else:
+        copy = tmp_path / "a_file"
+        copy.write_text("not a folder")
+    wd = tmp_path / "wd"
+    status, _, errors = _run_cli(_config(str(copy), wd, export=False, plot=False), capsys)
+    assert status == 2 and len(errors) == 2, errors
+    if damage == "data_dir is a file":
+        assert f"--data_dir {str(copy)!r} is a file, not a directory" in errors[0]
+    else:
+        meaning = {"truncated": "a damaged record", "flipped bytes": "a damaged record",
+                   "deleted shard": "a missing file"}[damage]
+        assert re.search(rf"cannot read dataset 'imagenet2012' in {re.escape(str(copy / 'imagenet2012'))}: "
+                         rf"{meaning} \(.*\); its prepared files are damaged or incomplete: delete its version folder "
+                         rf"and prepare it again \(tfds build imagenet2012", errors[0]), errors[0]
+    assert not wd.exists()
+
+
+def test_eval_only_on_a_read_only_workdir(data_dir, tmp_path):
+    """--eval_only of a workdir on a read-only file system: exit 0, the results on stdout, one
+    warning that they were not written."""
+    reason = tmpfs_unavailable(tmp_path)
+    if reason:
+        pytest.skip(reason)
+    mnt, logs = tmp_path / "mnt", tmp_path / "logs"
+    mnt.mkdir(), logs.mkdir()
+    train = _worker_config(data_dir, mnt / "wd", tmp_path)
+    evaluate = _worker_config(data_dir, mnt / "wd", tmp_path, name="eval.json", eval_only=True)
+    r = run_with_tmpfs(f"""
+        mount -t tmpfs -o size=32m tmpfs {mnt} || exit 90
+        {sys.executable} {WORKER} {train} > {logs}/1.out 2> {logs}/1.err || exit 91
+        mount -o remount,ro {mnt} || exit 92
+        {sys.executable} {WORKER} {evaluate} > {logs}/2.out 2> {logs}/2.err; echo $? > {logs}/2.rc
+    """)
+    assert r.returncode == 0, (r.stderr, (logs / "1.err").read_text()[-3000:] if (logs / "1.err").exists() else "")
+    err = (logs / "2.err").read_text()
+    assert (logs / "2.rc").read_text().strip() == "0", err[-3000:]
+    assert json.loads((logs / "2.out").read_text())["num_examples"] == 8
+    assert "Traceback" not in err
+    warnings = [line for line in err.splitlines() if "eval-only results not written" in line]
+    assert len(warnings) == 1 and "read-only file system" in warnings[0], err[-3000:]

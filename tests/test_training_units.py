@@ -578,3 +578,46 @@ def test_torn_metrics_config_and_topology_files(tmp_path, caplog):
     (tmp_path / "topology.json").write_text('{"process_count": 1, "dev')
     with pytest.raises(ValueError, match=r"topology\.json is torn or not JSON .*delete it and rerun"):
         topology_change(str(tmp_path), 5)
+
+
+def test_flags_not_given_come_from_the_workdirs_config(tmp_path):
+    """`--num_steps 140` alone extends a run: every other field is the workdir's (which the restart
+    check then accepts); --eval_only evaluates at its variant, classes and size; --init_from and the
+    switches are never inherited. Without config.json the recipe applies."""
+    cli = _cli()
+    saved = get_config("sa12", dataset="demo", image_size=64, global_batch_size=32, num_epochs=None, num_steps=100,
+                       lr=2e-3, num_classes=10, workdir=str(tmp_path), mixup=0.0, randaugment="", ema_decay=0.95,
+                       init_from=None, rrc_scale=(0.35, 1.0))
+    write_workdir_config(str(tmp_path), saved)
+    c = cli.config_from_args(cli.build_parser().parse_args(["--workdir", str(tmp_path), "--num_steps", "140"]))
+    assert c == saved.replace(num_steps=140)
+    assert set(check_workdir_config(str(tmp_path), c)) == {"num_steps"}
+    c = cli.config_from_args(cli.build_parser().parse_args(["--workdir", str(tmp_path), "--eval_only"]))
+    assert c.eval_only and (c.variant, c.image_size, c.num_classes, c.init_from) == ("sa12", 64, 10, None)
+    c = cli.config_from_args(cli.build_parser().parse_args(["--workdir", str(tmp_path), "--variant", "t8",
+                                                            "--no_export"]))
+    assert c.variant == "t8" and c.image_size == 64 and not c.export
+    with pytest.raises(ConfigMismatchError, match="variant: workdir has 'sa12', this run has 't8'"):
+        check_workdir_config(str(tmp_path), c)
+    fresh = cli.config_from_args(cli.build_parser().parse_args(["--workdir", str(tmp_path / "new"), "--num_steps",
+                                                                "9"]))
+    assert fresh == get_config("t8", workdir=str(tmp_path / "new"), num_steps=9, num_epochs=None)
+
+
+def test_eval_only_of_a_file_takes_its_size_crop_and_variant(tmp_path):
+    """--eval_only --init_from an export evaluates at the size, crop and variant in its header unless
+    given: a 48 px export is not evaluated at 256 px."""
+    import fastvit_jax
+
+    model = fastvit_jax.create_model("t8", num_classes=10, inference_mode=True,
+                                     pretrained_cfg=fastvit_jax.pretrained_cfg("t8", num_classes=10, image_size=48)
+                                     .replace(crop_pct=1.0))
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 48, 48, 3))))
+    path = str(tmp_path / "fused.safetensors")
+    fastvit_jax.save_variables(path, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables), model=model)
+    cli = _cli()
+    args = ["--workdir", str(tmp_path / "wd"), "--eval_only", "--init_from", path]
+    c = cli.config_from_args(cli.build_parser().parse_args(args))
+    assert (c.variant, c.image_size, c.crop_pct) == ("t8", 48, 1.0)
+    c = cli.config_from_args(cli.build_parser().parse_args(args + ["--image_size", "64"]))
+    assert (c.image_size, c.crop_pct) == (64, 1.0)

@@ -32,6 +32,7 @@ import collections
 import dataclasses
 import itertools
 import os
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -60,6 +61,39 @@ DEFAULT_SHUFFLE_BUFFER = 10_000
 
 class DatasetNotFoundError(FileNotFoundError):
     """Raised when a requested tfds dataset is not prepared in ``data_dir``."""
+
+
+class DatasetReadError(ValueError):
+    """A prepared dataset's files could not be read (a damaged or missing shard, an undecodable image)."""
+
+
+# tf.data errors that mean "the prepared files are damaged or gone", with what each means.
+_READ_ERRORS = {
+    "DataLossError": "a damaged record (truncated or corrupted file)",
+    "NotFoundError": "a missing file",
+    "InvalidArgumentError": "an undecodable example",
+}
+
+
+def _tf_first_line(error: BaseException) -> str:
+    text = str(getattr(error, "message", "") or error).strip().splitlines()
+    return re.sub(r"\s*\[Op:\w+\].*$", "", text[0] if text else type(error).__name__)[:300]
+
+
+def named_read_errors(batches: Iterable[Any], name: str, data_dir: str | None) -> Iterator[Any]:
+    """``batches`` with tf.data's read errors turned into one-line ``DatasetReadError``s naming the
+    dataset's folder and how to rebuild it."""
+    try:
+        yield from batches
+    except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
+        root = _resolve_data_dir(data_dir)
+        folder = root if name in DEMO_NAMES else os.path.join(root, name)
+        rebuild = ("delete its fastvit_demo folder and rerun: the demo dataset is prepared again" if name in DEMO_NAMES
+                   else f"delete its version folder and prepare it again (tfds build {name} --data_dir {root}, "
+                        f"with the manual files in {os.path.join(root, 'downloads', 'manual')})")
+        raise DatasetReadError(
+            f"cannot read dataset {name!r} in {folder}: {_READ_ERRORS[type(e).__name__]} "
+            f"({_tf_first_line(e)}); its prepared files are damaged or incomplete: {rebuild}") from None
 
 
 def _not_found_message(name: str, data_dir: str | None, reason: str) -> str:

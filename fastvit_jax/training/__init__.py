@@ -15,7 +15,7 @@ Modules (flat, small, pure where possible):
   steps          the train step and the eval step
   checkpoint     orbax CheckpointManager wrapper (async, keep-N, sharded restore, eval-only partial restore)
   compile_cache  the persistent compilation cache
-  preemption     SIGTERM as a flag the loop polls
+  preemption     SIGTERM / Ctrl-C as a flag the trainer polls
   pretrained     load_weights_file (--init_from / --eval_only), merge_pretrained, export_fused
   evaluate       run_eval, evaluate_checkpoint (--eval_only)
   metrics        metrics.jsonl, TensorBoard scalars, curves.png

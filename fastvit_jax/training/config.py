@@ -19,7 +19,7 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
-from fastvit_jax.variants import ALL_VARIANTS, canonical_name, get_variant, pretrained_cfg
+from fastvit_jax.variants import ALL_VARIANTS, canonical_name, check_image_size, get_variant, pretrained_cfg
 
 CONFIG_FILENAME = "config.json"
 
@@ -182,9 +182,10 @@ class TrainConfig:
         for name in ("num_steps", "num_epochs"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
-        if self.image_size < 32 or self.image_size % IMAGE_SIZE_MULTIPLE:
-            raise ValueError(f"--image_size must be a multiple of {IMAGE_SIZE_MULTIPLE} and at least 32, got "
-                             f"{self.image_size} (e.g. {max(32, round(self.image_size / 16) * 16)})")
+        check_image_size(self.image_size)
+        if self.data_dir and os.path.exists(self.data_dir) and not os.path.isdir(self.data_dir):
+            raise ValueError(f"--data_dir {self.data_dir!r} is a file, not a directory (the folder that holds the "
+                             f"prepared tfds datasets)")
         if self.init_from and not os.path.exists(self.init_from):
             raise ValueError(f"--init_from {self.init_from!r} does not exist")
         if self.eval_only and not self.init_from and not _has_checkpoints(self.workdir):
@@ -212,12 +213,6 @@ class TrainConfig:
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
         return cls.from_dict(json.loads(text))
-
-
-# Input sides the trainer accepts: FastViT halves the resolution five times (stem 2x2, then
-# stages 2-4); multiples of 16 from 32 up keep every map at least 2x2 with integer halvings to
-# stride 16 (the demo trains at 48 px).
-IMAGE_SIZE_MULTIPLE = 16
 
 
 def field_names() -> set:

@@ -19,6 +19,7 @@ import jax
 from jax.sharding import Mesh
 
 import fastvit_jax
+from fastvit_jax.io import describe_os_error, file_system_error
 from fastvit_jax.training import checkpoint as ckpt_lib
 from fastvit_jax.training import mesh as mesh_lib
 from fastvit_jax.training import multihost
@@ -49,7 +50,7 @@ def run_eval(eval_step: Callable, variables_by_prefix: Dict[str, dict], config: 
     The eval step is compiled (or loaded from the cache) before the first batch runs, and
     every process waits for the others there, so no collective starts while a peer compiles.
     """
-    from fastvit_jax.data.pipeline import device_prefetch, make_eval_dataset
+    from fastvit_jax.data.pipeline import device_prefetch, make_eval_dataset, named_read_errors
 
     dataset = make_eval_dataset(
         config.dataset, config.data_dir, batch_size=eval_batch_size(config, mesh), image_size=config.image_size,
@@ -57,7 +58,8 @@ def run_eval(eval_step: Callable, variables_by_prefix: Dict[str, dict], config: 
         **config.normalization,
     )
     batches = ({k: batch[k] for k in ("image", "label", "mask")}
-               for batch in device_prefetch(dataset, mesh_lib.batch_sharding(mesh)))
+               for batch in named_read_errors(device_prefetch(dataset, mesh_lib.batch_sharding(mesh)),
+                                              config.dataset, config.data_dir))
     first = next(batches, None)
     if first is not None and jax.process_count() > 1:
         eval_step.lower(variables_by_prefix, first).compile()
@@ -133,7 +135,17 @@ def evaluate_checkpoint(config: TrainConfig, *, model_fn: Callable[..., nn.Modul
     metrics = run_eval(eval_step, variables_by_prefix, config, mesh)
     log.info("eval-only %s: %s", source, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if jax.process_index() == 0 and config.workdir:
-        writer = MetricWriter(config.workdir, tensorboard=False)
+        _record(config.workdir, metrics)
+    return metrics
+
+
+def _record(workdir: str, metrics: Dict[str, float]) -> None:
+    """Appends the eval-only record to metrics.jsonl; a read-only or full workdir is a warning, not a failure."""
+    try:
+        writer = MetricWriter(workdir, tensorboard=False)
         writer.write(-1, "eval_only", metrics)
         writer.close()
-    return metrics
+    except OSError as e:
+        cause = file_system_error(e) or e
+        log.warning("eval-only results not written to %s (%s): they are printed only", workdir,
+                    describe_os_error(workdir, cause))

@@ -1,19 +1,28 @@
 """Command-line flags generated from the TrainConfig fields (name, type, default, help).
 
 One flag per field, spelled like the field: ``--global_batch_size``, ``--lr_base`` ...
-A flag that is not given leaves the recipe's value (argparse.SUPPRESS: absent) (``get_config``); 'none' sets an
-optional field to None. Boolean fields marked ``flag=False`` (eval_only, export, plot,
-progress) are the entry point's own switches (``--eval_only``, ``--no_export`` ...).
+A flag that is not given (argparse.SUPPRESS: absent) takes the workdir's value when
+``<workdir>/config.json`` exists (so ``--num_steps 140`` alone extends a run, and
+``--eval_only`` evaluates at the run's variant, classes and image size), else the recipe's
+(``get_config``); 'none' sets an optional field to None. Boolean fields marked ``flag=False``
+(eval_only, export, plot, progress, restart_from_scratch) are the entry point's own switches
+(``--eval_only``, ``--no_export`` ...), never taken from config.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import typing
 from typing import Any, Callable, Dict
 
-from fastvit_jax.training.config import TrainConfig, get_config
+from fastvit_jax.training.config import CONFIG_FILENAME, TrainConfig, field_names, get_config, read_workdir_config
+
+log = logging.getLogger("fastvit_jax.training")
+
+# Never taken from a workdir's config.json: what this invocation does, and the file it starts from.
+NOT_INHERITED = ("init_from",)
 
 NONE_WORDS = ("none", "null")
 
@@ -59,13 +68,48 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(f"--{field.name}", **_flag_kwargs(field, hints[field.name]))
 
 
-def config_from_flags(args: argparse.Namespace, **switches: Any) -> TrainConfig:
-    """The recipe for --variant with every given flag applied, plus ``switches`` (eval_only ...).
+def weights_file_settings(path: str) -> Dict[str, Any]:
+    """variant, image_size and crop_pct recorded in a .safetensors file's header (the trainer's and the
+    converters' exports); {} for any other file (those use the recipe's, or the flags')."""
+    import json
+    import os
 
-    ``--num_steps`` without ``--num_epochs`` makes the schedule as long as the run.
+    if not (path.endswith(".safetensors") and os.path.isfile(path)):
+        return {}
+    from fastvit_jax.io import load_metadata
+
+    try:
+        meta = load_metadata(path)
+        data_config = json.loads(meta.get("pretrained_cfg", "{}"))
+        found = {"variant": meta.get("variant"), "image_size": meta.get("image_size"),
+                 "crop_pct": data_config.get("crop_pct")}
+        found["image_size"] = int(found["image_size"]) if found["image_size"] is not None else None
+    except Exception:  # noqa: BLE001 - an unreadable header is reported where the weights are loaded
+        return {}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def config_from_flags(args: argparse.Namespace, **switches: Any) -> TrainConfig:
+    """The config for the given flags plus ``switches`` (eval_only ...).
+
+    Fields not given come from ``<workdir>/config.json`` when it exists, else from the recipe
+    for --variant; without a config.json, ``--num_steps`` without ``--num_epochs`` makes the
+    schedule as long as the run.
     """
     given = {name: value for name, value in vars(args).items() if name in flag_field_names()}
-    if given.get("num_steps") is not None and "num_epochs" not in given:
+    workdir = given.get("workdir", TrainConfig.workdir)
+    saved = read_workdir_config(workdir)
+    if saved is not None:
+        inherited = {k: v for k, v in saved.items()
+                     if k in flag_field_names() and k not in NOT_INHERITED and k not in given}
+        if inherited:
+            log.info("flags not given are taken from %s/%s", workdir, CONFIG_FILENAME)
+        given = {**inherited, **given}
+    elif given.get("num_steps") is not None and "num_epochs" not in given:
         given["num_epochs"] = None
+    if switches.get("eval_only") and given.get("init_from"):
+        given = {**weights_file_settings(given["init_from"]), **given}
     variant = given.pop("variant", TrainConfig.variant)
-    return get_config(variant, **given, **switches)
+    if "rrc_scale" in given:
+        given["rrc_scale"] = tuple(given["rrc_scale"])
+    return get_config(variant, **{k: v for k, v in given.items() if k in field_names()}, **switches)

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -32,10 +33,10 @@ from fastvit_jax.training import multihost
 from fastvit_jax.training.compile_cache import count_cache_hits, enable_compilation_cache
 from fastvit_jax.training.config import CONFIG_FILENAME, TrainConfig, check_workdir_config, write_workdir_config
 from fastvit_jax.training.evaluate import run_eval
-from fastvit_jax.training.metrics import MetricWriter, plot_curves
+from fastvit_jax.training.metrics import MetricWriter, plot_curves, read_metrics
 from fastvit_jax.training.optimizer import lr_schedule, make_optimizer
 from fastvit_jax.training.plan import Plan, make_plan
-from fastvit_jax.training.preemption import SigtermFlag
+from fastvit_jax.training.preemption import StopSignals
 from fastvit_jax.training.pretrained import export_fused, load_weights_file, merge_pretrained
 from fastvit_jax.training.setup import resolve_dtype, setup_run
 from fastvit_jax.training.state import TrainState, create_state, init_variables
@@ -243,14 +244,31 @@ def train_and_evaluate(config: TrainConfig, *, model_fn: Callable[..., nn.Module
     ends this process with status ``multihost.EXIT_PEER_LOST`` and a message naming it.
     """
     config.validate()
-    with contextlib.ExitStack() as held, multihost.PeerWatchdog(config.distributed_timeout,
-                                                                _resume_hint(config.workdir)):
-        return _train_and_evaluate(config, model_fn, step_callback, held)
+    new_workdir = jax.process_index() == 0 and not (os.path.isdir(config.workdir) and os.listdir(config.workdir))
+    try:
+        with contextlib.ExitStack() as held, multihost.PeerWatchdog(config.distributed_timeout,
+                                                                    _resume_hint(config.workdir)):
+            return _train_and_evaluate(config, model_fn, step_callback, held)
+    except BaseException:
+        if new_workdir:
+            remove_if_nothing_written(config.workdir)
+        raise
+
+
+def remove_if_nothing_written(workdir: str) -> None:
+    """Deletes a workdir this run created when the run failed before writing a checkpoint or a metric
+    (a dataset or setting error at the first batch must not leave empty checkpoints/ and tensorboard/)."""
+    directory = ckpt_lib.checkpoint_dir(workdir)
+    if os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory)):
+        return
+    if read_metrics(workdir):
+        return
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
                         step_callback: Optional[StepCallback], held: contextlib.ExitStack) -> TrainResult:
-    from fastvit_jax.data.pipeline import device_prefetch, make_train_dataset
+    from fastvit_jax.data.pipeline import device_prefetch, make_train_dataset, named_read_errors
 
     t_start = time.perf_counter()
 
@@ -262,6 +280,7 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
     if is_main:
         check_writable_dir(config.workdir, "--workdir")
     held.enter_context(WorkdirLock(config.workdir, enabled=is_main))  # until the run ends, or the process dies
+    stop = held.enter_context(StopSignals())  # SIGTERM / Ctrl-C from here to the end: stop at a safe point
     length_changes = check_workdir_config(config.workdir, config)  # config.json is written with the first checkpoint
     plan = make_plan(config, info.num_train)
     _log_plan(plan, length_changes)
@@ -322,35 +341,44 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
         if checkpointer.save(step, state):
             train_log.last_checkpoint = step
 
+    def stopped(where: str) -> bool:
+        """True (and says so) when a stop signal arrived; ``where`` completes the message."""
+        if not stop.is_set():
+            return False
+        message = f"stopped ({stop.name or 'signal on another process'}) {where}"
+        log.warning(message)
+        if progress_bar is not None:
+            progress_bar.write(message)
+        return True
+
     step, preempted = start_step, False
-    batches: Iterator = device_prefetch(dataset, mesh_lib.batch_sharding(mesh)) if train_step else iter(())
+    batches: Iterator = named_read_errors(device_prefetch(dataset, mesh_lib.batch_sharding(mesh)), config.dataset,
+                                          config.data_dir) if train_step else iter(())
     try:
-        with SigtermFlag() as sigterm:
-            while step < plan.total_steps:
-                batch = next(batches)
-                state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]}, base_key)
-                step += 1
-                train_log.add(step, metrics)
-                if step % config.log_every == 0:
-                    train_log.flush(step)
-                if step_callback is not None:
-                    step_callback(step, metrics)
-                if step % config.checkpoint_every == 0 or step == plan.total_steps:
-                    save(step)
-                # Several processes: agreeing on the flag is a collective, so only every log_every steps.
-                if (jax.process_count() == 1 or step % config.log_every == 0) and sigterm.is_set():
-                    save(step)
-                    checkpointer.wait()
-                    preempted = True
-                    message = f"preempted (SIGTERM) at step {step}: checkpoint saved to {checkpointer.directory}"
-                    log.warning(message)
-                    if progress_bar is not None:
-                        progress_bar.write(message)
-                    break
-                if plan.eval_every and step % plan.eval_every == 0 and step < plan.total_steps:
-                    train_log.flush(step)
-                    _evaluate(eval_step, state, config, mesh, writer, step)
-            train_log.flush(step)
+        if train_step is not None and stopped(
+                f"before the first step: nothing new to save; rerun to resume{_resume_hint(config.workdir)()}"):
+            preempted = True
+        while not preempted and step < plan.total_steps:
+            batch = next(batches)
+            state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]}, base_key)
+            step += 1
+            train_log.add(step, metrics)
+            if step % config.log_every == 0:
+                train_log.flush(step)
+            if step_callback is not None:
+                step_callback(step, metrics)
+            if step % config.checkpoint_every == 0 or step == plan.total_steps:
+                save(step)
+            # Several processes: agreeing on the flag is a collective, so only every log_every steps.
+            if (jax.process_count() == 1 or step % config.log_every == 0) and stop.is_set():
+                save(step)
+                checkpointer.wait()
+                preempted = stopped(f"at step {step}: checkpoint saved to {checkpointer.directory}")
+                break
+            if plan.eval_every and step % plan.eval_every == 0 and step < plan.total_steps:
+                train_log.flush(step)
+                _evaluate(eval_step, state, config, mesh, writer, step)
+        train_log.flush(step)
     finally:
         if progress_bar is not None:
             progress_bar.close()
@@ -362,7 +390,9 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
         train_step_from_cache=from_cache, eval=None, plot_path=None, export_path=None, state=state, model=model,
         mesh=mesh,
     )
-    if preempted:
+    the_rest = "the final checkpoint is saved; rerun the same command to evaluate and export"
+    if preempted or stopped(f"after the last step: {the_rest}"):
+        result.preempted = True
         writer.close()
         return result
 
@@ -370,6 +400,9 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
     log.info("training done %.1fs since start", time.perf_counter() - t_start)
     result.eval = _evaluate(eval_step, state, config, mesh, writer, step)
     writer.close()
+    if stopped(f"during the final evaluation: {the_rest}"):
+        result.preempted = True
+        return result
     if config.plot and is_main:
         result.plot_path = plot_curves(config.workdir)
     if config.export:
