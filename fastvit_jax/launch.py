@@ -10,7 +10,9 @@ devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, ``JAX_PLATFORMS
 Output lines are prefixed with ``[pI]``. When a process fails, the others get
 ``--grace_s`` seconds to notice it and exit on their own, then they are killed. SIGTERM or
 SIGINT to the launcher is passed on to every process (the trainer saves a checkpoint). The
-exit status is the worst one: a process killed by signal S counts as 128 + S.
+exit status is the worst one: a process killed by signal S counts as 128 + S. When process 0
+(JAX's coordinator) fails first, the others cannot go on (JAX aborts them, status 134); the
+launcher then says so in one line with the command that resumes the run.
 
 On SLURM, Cloud TPU pods and Open MPI, do not use this: run the command once per host
 (``srun``, ``gcloud ... ssh --worker=all``, ``mpirun``); JAX detects the cluster itself
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -79,9 +82,22 @@ def _relay(stream: IO[str], prefix: str, out: IO[str], lock: threading.Lock) -> 
     stream.close()
 
 
+def coordinator_lost_message(first_failed: Optional[int], statuses: Sequence[int], rerun: str) -> Optional[str]:
+    """One line when process 0 failed first and took the others down with it, else None."""
+    if first_failed != 0 or len(statuses) < 2:
+        return None
+    return (f"[launch] error: process 0 (JAX's coordinator) stopped first, with status {statuses[0]}; the other "
+            f"processes cannot continue without it (JAX aborts them: status 134). Rerun the same command to resume "
+            f"from the newest checkpoint: {rerun}")
+
+
 def launch(command: Sequence[str], *, num_processes: int, devices_per_process: Optional[int] = None,
-           port: Optional[int] = None, grace_s: float = 30.0, out: IO[str] = sys.stdout) -> int:
-    """Runs ``command`` as ``num_processes`` JAX processes; returns the worst exit status."""
+           port: Optional[int] = None, grace_s: float = 30.0, out: IO[str] = sys.stdout,
+           rerun: Optional[str] = None) -> int:
+    """Runs ``command`` as ``num_processes`` JAX processes; returns the worst exit status.
+
+    ``rerun``: the command line that restarts the job, named when the coordinator is lost.
+    """
     address = f"127.0.0.1:{port or free_port()}"
     lock = threading.Lock()
     procs: List[subprocess.Popen] = []
@@ -105,11 +121,13 @@ def launch(command: Sequence[str], *, num_processes: int, devices_per_process: O
                 p.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    first_failed: Optional[int] = None
     try:
         deadline = None
         while [p.poll() for p in procs].count(None):  # polls every process (any() would stop at the first)
             failed = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
             if failed and deadline is None:
+                first_failed = failed[0]
                 deadline = time.monotonic() + grace_s
                 status = exit_status(procs[failed[0]].returncode)
                 with lock:
@@ -133,8 +151,9 @@ def launch(command: Sequence[str], *, num_processes: int, devices_per_process: O
         for s, handler in previous.items():
             signal.signal(s, handler)
     statuses = [exit_status(p.returncode) for p in procs]
+    lost = coordinator_lost_message(first_failed, statuses, rerun or shlex.join(command_line(command)))
     with lock:
-        out.write(f"[launch] exit statuses {statuses}\n")
+        out.write(f"[launch] exit statuses {statuses}\n" + (f"{lost}\n" if lost else ""))
         out.flush()
     return max(statuses)
 
@@ -162,8 +181,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num_processes < 1:
         print(f"error: --num_processes must be positive, got {args.num_processes}", file=sys.stderr)
         return 2
+    rerun = shlex.join([sys.executable, "-m", "fastvit_jax.launch", *(sys.argv[1:] if argv is None else argv)])
     return launch(command, num_processes=args.num_processes, devices_per_process=args.devices_per_process,
-                  port=args.port, grace_s=args.grace_s)
+                  port=args.port, grace_s=args.grace_s, rerun=rerun)
 
 
 if __name__ == "__main__":

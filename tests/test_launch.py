@@ -50,3 +50,18 @@ def test_the_others_are_killed_when_one_fails_and_they_do_not_stop():
 def test_no_command_is_a_one_line_error(capsys):
     assert launch.main(["--num_processes", "2"]) == 2
     assert "no command given" in capsys.readouterr().err
+
+
+def test_a_lost_coordinator_is_one_line_with_the_command_to_resume():
+    """Process 0 fails first and JAX aborts the other (134): one line naming it and the rerun command."""
+    out = io.StringIO()
+    code = ("import os, time; pid = os.environ['JAX_PROCESS_ID']\n"
+            "if pid == '0': raise SystemExit(9)\ntime.sleep(1); os.abort()")
+    status = launch.launch([sys.executable, "-c", code], num_processes=2, grace_s=30, out=out,
+                           rerun="python -m fastvit_jax.launch --num_processes 2 -- train_tpu.py --workdir w")
+    assert status == 134
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("[launch] error:")]
+    assert lines == ["[launch] error: process 0 (JAX's coordinator) stopped first, with status 9; the other processes "
+                     "cannot continue without it (JAX aborts them: status 134). Rerun the same command to resume from "
+                     "the newest checkpoint: python -m fastvit_jax.launch --num_processes 2 -- train_tpu.py --workdir w"]
+    assert launch.coordinator_lost_message(1, [134, 9], "x") is None
