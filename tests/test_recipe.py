@@ -13,7 +13,7 @@ import inspect
 import numpy as np
 import pytest
 
-from fastvit_jax.training.config import RECIPE_WARMUP_EPOCHS, TrainConfig, get_config
+from fastvit_jax.training.config import RECIPE_EMA_DECAY, RECIPE_WARMUP_EPOCHS, TrainConfig, get_config
 from fastvit_jax.variants import ALL_VARIANTS
 
 # ml-fastvit train.py defaults (8 GPUs x 128 images; the per-GPU batch 128 is the README's -b 128).
@@ -35,7 +35,7 @@ APPLE_SHARED = {
     "label_smoothing": 0.1,  # --smoothing 0.1
     "cutmix": 1.0,  # --cutmix 1.0
     "mixup_switch_prob": 0.5,  # --mixup-switch-prob 0.5
-    "ema_decay": 0.9995,  # --model-ema (default on) --model-ema-decay 0.9995
+    "ema_decay": None,  # the recipe's 0.9995 (--model-ema, on by default; --model-ema-decay 0.9995), checked below
     "randaugment": "rand-m9-mstd0.5-inc1",  # --aa rand-m9-mstd0.5-inc1
     "reprob": 0.25,  # --reprob 0.25 (--remode pixel)
     "color_jitter": 0.4,  # --color-jitter 0.4 (unused while RandAugment is on, as in timm)
@@ -67,7 +67,7 @@ EVAL_CROP = {"t8": 0.9, "t12": 0.9, "s12": 0.9, "sa12": 0.9, "sa24": 0.9, "sa36"
 # Fields that are not part of the training recipe: what to run, where, how often things are
 # written, how the work is laid out, the precision and memory policy of the hardware.
 NOT_RECIPE = {
-    "variant", "data_dir", "workdir", "crop_pct", "dtype", "num_steps", "warmup_steps", "mesh", "fsdp_min_size",
+    "variant", "recipe", "data_dir", "workdir", "crop_pct", "dtype", "num_steps", "warmup_steps", "mesh", "fsdp_min_size",
     "seed", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batch_size", "log_every", "init_from",
     "compilation_cache_dir", "distributed_timeout", "barrier_timeout", "eval_only", "export", "plot", "progress",
     "restart_from_scratch",
@@ -89,7 +89,7 @@ def test_get_config_is_apples_recipe(variant):
     got["rrc_scale"] = tuple(got["rrc_scale"])
     assert got == expected
     assert c.peak_lr == 1e-3 and c.eval_crop_pct == EVAL_CROP[variant]
-    assert c.warmup_steps is None and RECIPE_WARMUP_EPOCHS == 5.0
+    assert c.warmup_steps is None and RECIPE_WARMUP_EPOCHS == 5.0 and RECIPE_EMA_DECAY == 0.9995
     assert c.num_steps is None  # the schedule is 300 epochs, then 10 at min_lr
 
 
@@ -142,3 +142,12 @@ def test_ma36_pipeline_draws_randaugment_ops_not_colour_jitter(monkeypatch):
     assert "PosterizeIncreasing" in ops  # inc1: the 'increasing' op set, as timm's
     assert not jitter
     assert changed >= 8  # P(no op drawn) = 0.25; some ops at a low magnitude change nothing
+
+
+def test_the_short_recipe_changes_only_what_it_names():
+    short, apple = get_config("sa12", recipe="short"), get_config("sa12")
+    changed = {k for k in dataclasses.asdict(apple) if getattr(short, k) != getattr(apple, k)}
+    assert changed == {"recipe", "lr", "mixup", "cutmix", "randaugment", "reprob", "color_jitter", "rrc_scale"}
+    assert short.peak_lr == 2e-3 and get_config("sa12", recipe="short", lr=1e-3, mixup=0.1).mixup == 0.1
+    with pytest.raises(ValueError, match="unknown recipe 'fast'; valid: apple, short"):
+        get_config("t8", recipe="fast")

@@ -48,7 +48,7 @@ def test_recipe_defaults_and_overrides():
     c = get_config("fastvit_sa12")
     assert c.variant == "sa12" and c.drop_path == 0.1 and c.mixup == 0.2 and c.cutmix == 1.0
     assert c.lr is None and c.lr_base == 1e-3 and c.lr_base_size == 1024 and c.weight_decay == 0.05
-    assert c.warmup_epochs is None and c.warmup_steps is None and c.ema_decay == 0.9995
+    assert c.warmup_epochs is None and c.warmup_steps is None and c.ema_decay is None
     assert c.label_smoothing == 0.1 and c.min_lr == 1e-5 and c.warmup_lr == 1e-6 and c.num_epochs == 300
     assert get_config("ma36").mixup == 0.8 and get_config("ma36").drop_path == 0.35
     assert get_config("t8").mixup == 0.2  # the recipe's per-variant value, not a generic default
@@ -122,10 +122,11 @@ def test_recipe_warmup_is_scaled_to_fit_a_short_run():
     short = get_config("t8", global_batch_size=32, num_epochs=None, num_steps=30)
     p = make_plan(short, 3000)
     assert p.warmup_steps == 3 and p.schedule_steps == 30  # 10% of the run
-    assert len(p.notes) == 1 and "465 steps" in p.notes[0] and "to 3 steps" in p.notes[0]
+    warm = [n for n in p.notes if n.startswith("warm-up")]  # the EMA and lr notes: test_short_runs_...
+    assert len(warm) == 1 and "465 steps" in warm[0] and "to 3 steps" in warm[0]
     # A long run keeps the recipe's 5 epochs, silently.
     p = make_plan(get_config("t8", global_batch_size=32, num_epochs=100), 3000)
-    assert p.warmup_steps == 465 and p.notes == ()
+    assert p.warmup_steps == 465 and not [n for n in p.notes if n.startswith("warm-up")]
     # What the user sets is kept, with a note when it never lets the lr reach its peak.
     assert make_plan(short.replace(warmup_steps=20), 3000).warmup_steps == 20
     assert make_plan(short.replace(warmup_epochs=0.1), 3000).warmup_steps == 9
@@ -621,3 +622,35 @@ def test_eval_only_of_a_file_takes_its_size_crop_and_variant(tmp_path):
     assert (c.variant, c.image_size, c.crop_pct) == ("t8", 48, 1.0)
     c = cli.config_from_args(cli.build_parser().parse_args(args + ["--image_size", "64"]))
     assert (c.image_size, c.crop_pct) == (64, 1.0)
+
+
+def test_short_runs_scale_the_ema_and_name_a_small_lr():
+    """The --help example (demo, batch 32, 150 steps): the recipe's EMA horizon (2000 steps) is scaled to
+    15 steps and the linearly scaled lr (3.1e-5) is named with the fix; long runs keep the recipe's."""
+    short = get_config("t8", dataset="demo", global_batch_size=32, num_epochs=None, num_steps=150)
+    p = make_plan(short, 3000)
+    assert p.ema_decay == pytest.approx(1 - 1 / 15) and p.peak_lr == pytest.approx(3.125e-5)
+    assert any("EMA decay scaled from the recipe's 0.9995 (a 2000-step horizon) to 0.9333 (15 steps" in n
+               for n in p.notes), p.notes
+    assert any("peak lr 3.13e-05" in n and "--recipe short" in n for n in p.notes), p.notes
+    p = make_plan(short.replace(recipe="short", lr=2e-3), 3000)
+    assert not any("peak lr" in n for n in p.notes) and p.peak_lr == 2e-3
+    assert make_plan(short.replace(ema_decay=0.99), 3000).ema_decay == 0.99  # as given
+    long = make_plan(get_config("t8", global_batch_size=1024), 1_281_167)
+    assert long.ema_decay == 0.9995 and long.notes == ()
+
+
+def test_a_long_compilation_is_announced_and_ticks(caplog):
+    import time as _time
+
+    from fastvit_jax.training.compile_cache import announce_compilation
+
+    with caplog.at_level(logging.INFO, logger="fastvit_jax.training"):
+        with announce_compilation("the train step", "/cache", every_s=0.05):
+            _time.sleep(0.2)
+        with announce_compilation("the eval step", None, every_s=10):
+            pass
+    assert "compiling the train step (minutes on a CPU host, unless it is in the cache); it is kept in the " \
+           "compilation cache (/cache) for the next start" in caplog.text
+    assert caplog.text.count("still compiling the train step") >= 2
+    assert "the compilation cache is off" in caplog.text and "still compiling the eval step" not in caplog.text

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+import time
 from typing import Iterator, List, Optional
 
 import jax
@@ -60,3 +62,26 @@ def count_cache_hits() -> Iterator[List[int]]:
         yield hits
     finally:
         monitoring.unregister_event_listener(on_event)
+
+
+@contextlib.contextmanager
+def announce_compilation(what: str, cache_dir: Optional[str], every_s: float = 30.0) -> Iterator[None]:
+    """Logs that ``what`` is being compiled (and whether the cache keeps it), then every ``every_s``
+    seconds how long it has taken, until the block ends: a long compile is never silent."""
+    kept = (f"it is kept in the compilation cache ({cache_dir}) for the next start" if cache_dir
+            else "the compilation cache is off (--compilation_cache_dir), so the next start compiles again")
+    log.info("compiling %s (minutes on a CPU host, unless it is in the cache); %s", what, kept)
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def tick() -> None:
+        while not done.wait(every_s):
+            log.info("still compiling %s (%.0fs so far)", what, time.perf_counter() - start)
+
+    ticker = threading.Thread(target=tick, daemon=True, name="compile-progress")
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()

@@ -41,10 +41,26 @@ VARIANT_RECIPE: Dict[str, Dict[str, float]] = {
     "mci4": {"drop_path": 0.35, "mixup": 0.8},
 }
 
+# Named recipes, applied over the variant's values and under the caller's overrides.
+# "apple": Apple's ImageNet-1k recipe (the field defaults). "short": runs of a few hundred steps
+# on a small dataset (the demo, a quick fine-tune): an absolute peak lr that learns at any batch
+# size, no mixup/cutmix/RandAugment/erasing/colour jitter, a milder random-resized crop. Both
+# recipes scale the warm-up and the EMA horizon down to fit a short run (``training/plan.py``).
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "apple": {},
+    "short": {"lr": 2e-3, "mixup": 0.0, "cutmix": 0.0, "randaugment": "", "reprob": 0.0, "color_jitter": 0.0,
+              "rrc_scale": (0.35, 1.0)},
+}
+
 # The recipe's warm-up (used when neither warmup_epochs nor warmup_steps is given) and
 # the largest share of a short schedule it may take before it is scaled down.
 RECIPE_WARMUP_EPOCHS = 5.0
 MAX_WARMUP_FRACTION = 0.1
+# The recipe's EMA decay (used when ema_decay is not given), whose horizon 1 / (1 - decay) steps
+# may be at most this share of the run: 0.9995 (2000 steps) is kept for runs of 20k steps and
+# more, and scaled down below that.
+RECIPE_EMA_DECAY = 0.9995
+MAX_EMA_HORIZON_FRACTION = 0.1
 
 # Fields a restart may change: the run's length ...
 RUN_LENGTH_FIELDS: Tuple[str, ...] = ("num_epochs", "num_steps", "cooldown_epochs")
@@ -75,6 +91,9 @@ class TrainConfig:
 
     # What to train, on what.
     variant: str = option("t8", f"FastViT variant: {' '.join(ALL_VARIANTS)} (mci*: MobileCLIP image towers)")
+    recipe: str = option("apple", "named recipe under the flags you give: apple (Apple's ImageNet recipe) or short "
+                                  "(runs of a few hundred steps on a small dataset: lr 2e-3, no mixup/cutmix/"
+                                  "RandAugment/erasing)", choices=tuple(RECIPES))
     dataset: str = option("imagenet2012", "tfds image-classification dataset, or 'demo' for the embedded "
                                           "10-class offline dataset")
     data_dir: Optional[str] = option(None, "tfds data_dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
@@ -111,7 +130,9 @@ class TrainConfig:
     cutmix: float = option(1.0, "cutmix alpha, 0 disables")
     mixup_switch_prob: float = option(0.5, "probability of cutmix when both mixup and cutmix are on")
     drop_path: float = option(0.0, f"stochastic depth rate (per variant: {_per_variant('drop_path')})")
-    ema_decay: float = option(0.9995, "EMA decay of params and BatchNorm statistics")
+    ema_decay: Optional[float] = option(
+        None, f"EMA decay of params and BatchNorm statistics (default: the recipe's {RECIPE_EMA_DECAY:g}, its horizon "
+              f"1/(1-decay) scaled down to at most {MAX_EMA_HORIZON_FRACTION:.0%} of a shorter run)")
     # Data augmentation.
     randaugment: str = option("rand-m9-mstd0.5-inc1", "timm RandAugment spec; '' or 'none' disables")
     reprob: float = option(0.25, "random-erasing probability")
@@ -220,13 +241,16 @@ def field_names() -> set:
 
 
 def get_config(variant: str = "t8", **overrides: Any) -> TrainConfig:
-    """Apple's recipe for ``variant`` with ``overrides`` applied.
+    """The recipe for ``variant`` (Apple's, or ``recipe="short"``) with ``overrides`` applied.
 
     ``overrides`` are TrainConfig fields; None is applied too (``num_epochs=None`` lets
     ``num_steps`` set the schedule length). Raises ValueError for an unknown variant or field.
     """
     name = canonical_name(variant)
-    fields = {"variant": name, **VARIANT_RECIPE[name], **overrides}
+    recipe = overrides.get("recipe", TrainConfig.recipe)
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+    fields = {"variant": name, **VARIANT_RECIPE[name], **RECIPES[recipe], **overrides}
     if "randaugment" in fields and (fields["randaugment"] is None
                                     or str(fields["randaugment"]).lower() in ("", "none", "off")):
         fields["randaugment"] = ""  # off, whichever way it was said; absent keeps the recipe's spec

@@ -10,7 +10,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Tuple
 
-from fastvit_jax.training.config import MAX_WARMUP_FRACTION, RECIPE_WARMUP_EPOCHS, TrainConfig
+from fastvit_jax.training.config import (
+    MAX_EMA_HORIZON_FRACTION,
+    MAX_WARMUP_FRACTION,
+    RECIPE_EMA_DECAY,
+    RECIPE_WARMUP_EPOCHS,
+    TrainConfig,
+)
+
+# A linearly scaled peak lr below this, on a run shorter than SHORT_RUN_STEPS, learns little: noted.
+SMALL_PEAK_LR = 1e-4
+SHORT_RUN_STEPS = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,11 +33,12 @@ class Plan:
     total_steps: int  # the step this run trains to (schedule + cool-down, or --num_steps)
     peak_lr: float
     eval_every: int  # steps between evaluations; 0: only at the end
+    ema_decay: float  # the recipe's, or scaled down to fit a short run
     notes: Tuple[str, ...] = ()  # what was changed from the recipe, and why
 
     def describe(self) -> str:
-        return (f"peak lr {self.peak_lr:.3g}, warm-up {self.warmup_steps} steps, cosine over "
-                f"{self.schedule_steps} steps, training to step {self.total_steps} "
+        return (f"peak lr {self.peak_lr:.3g}, EMA decay {self.ema_decay:.4g}, warm-up {self.warmup_steps} steps, "
+                f"cosine over {self.schedule_steps} steps, training to step {self.total_steps} "
                 f"({self.steps_per_epoch} steps per epoch), evaluating "
                 f"{f'every {self.eval_every} steps' if self.eval_every else 'at the end'}")
 
@@ -52,6 +63,27 @@ def _warmup(config: TrainConfig, steps_per_epoch: int, schedule_steps: int) -> T
     return warmup, ()
 
 
+def _ema_decay(config: TrainConfig, total_steps: int) -> Tuple[float, Tuple[str, ...]]:
+    """--ema_decay as given; else the recipe's, or one whose horizon 1/(1-decay) is
+    MAX_EMA_HORIZON_FRACTION of a shorter run (with a note)."""
+    if config.ema_decay is not None:
+        return config.ema_decay, ()
+    limit = 1.0 - 1.0 / max(MAX_EMA_HORIZON_FRACTION * total_steps, 1.0)
+    if RECIPE_EMA_DECAY <= limit:
+        return RECIPE_EMA_DECAY, ()
+    return limit, (f"EMA decay scaled from the recipe's {RECIPE_EMA_DECAY:g} (a {1 / (1 - RECIPE_EMA_DECAY):.0f}-step "
+                   f"horizon) to {limit:.4g} ({1 / (1 - limit):.0f} steps, {MAX_EMA_HORIZON_FRACTION:.0%} of this "
+                   f"{total_steps}-step run), so the EMA weights follow the training (set --ema_decay to choose)",)
+
+
+def _lr_note(config: TrainConfig, peak_lr: float, total_steps: int) -> Tuple[str, ...]:
+    if config.lr is not None or peak_lr >= SMALL_PEAK_LR or total_steps >= SHORT_RUN_STEPS:
+        return ()
+    return (f"peak lr {peak_lr:.3g} ({config.lr_base:g} x {config.global_batch_size} / {config.lr_base_size}, linear "
+            f"scaling) learns little in a {total_steps}-step run: use --recipe short (lr 2e-3 and light augmentation) "
+            f"or set --lr",)
+
+
 def make_plan(config: TrainConfig, num_train: int) -> Plan:
     """Raises ValueError when the training split holds less than one global batch."""
     steps_per_epoch = num_train // config.global_batch_size
@@ -72,4 +104,7 @@ def make_plan(config: TrainConfig, num_train: int) -> Plan:
     eval_every = config.eval_every
     if eval_every is None:  # like timm, every epoch; several points on a short run's curve too
         eval_every = max(1, min(steps_per_epoch, total_steps // 10))
-    return Plan(steps_per_epoch, schedule_steps, warmup_steps, total_steps, config.peak_lr, eval_every, notes)
+    ema_decay, ema_notes = _ema_decay(config, total_steps)
+    notes = notes + ema_notes + _lr_note(config, config.peak_lr, total_steps)
+    return Plan(steps_per_epoch, schedule_steps, warmup_steps, total_steps, config.peak_lr, eval_every, ema_decay,
+                notes)

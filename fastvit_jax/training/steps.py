@@ -16,8 +16,10 @@ from fastvit_jax.training.state import TrainState
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable,
-                    config: TrainConfig) -> Callable:
+                    config: TrainConfig, ema_decay: float) -> Callable:
     """(state, {'image': (B,H,W,3), 'label': (B,)}, key) -> (new state, scalar metrics).
+
+    ``ema_decay``: the run's (``Plan.ema_decay``: the recipe's, or scaled down for a short run).
 
     Mixup/cutmix and drop path draw from ``key`` folded with the step, so a resumed run
     draws the same numbers as an uninterrupted one.
@@ -47,8 +49,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
             params=params,
             batch_stats=batch_stats,
             opt_state=opt_state,
-            ema_params=ema_update(state.ema_params, params, config.ema_decay),
-            ema_batch_stats=ema_update(state.ema_batch_stats, batch_stats, config.ema_decay),
+            ema_params=ema_update(state.ema_params, params, ema_decay),
+            ema_batch_stats=ema_update(state.ema_batch_stats, batch_stats, ema_decay),
         )
         metrics = {
             "loss": loss,

@@ -30,7 +30,7 @@ from fastvit_jax.io import check_writable_dir
 from fastvit_jax.training import checkpoint as ckpt_lib
 from fastvit_jax.training import mesh as mesh_lib
 from fastvit_jax.training import multihost
-from fastvit_jax.training.compile_cache import count_cache_hits, enable_compilation_cache
+from fastvit_jax.training.compile_cache import announce_compilation, count_cache_hits, enable_compilation_cache
 from fastvit_jax.training.config import CONFIG_FILENAME, TrainConfig, check_workdir_config, write_workdir_config
 from fastvit_jax.training.evaluate import run_eval
 from fastvit_jax.training.metrics import MetricWriter, plot_curves, read_metrics
@@ -142,7 +142,8 @@ def _compile_train_step(step_fn: Callable, state: TrainState, shardings: Any, ba
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                       for k, (shape, dtype) in batch_spec.items()}
     start = time.perf_counter()
-    with count_cache_hits() as hits:
+    what = f"the train step (global batch {next(iter(batch_spec.values()))[0][0]}, {mesh.size} device(s))"
+    with count_cache_hits() as hits, announce_compilation(what, jax.config.jax_compilation_cache_dir):
         compiled = jitted.lower(state, abstract_batch, base_key).compile()
     from_cache = hits[0] > 0
     log.info("train step %s in %.1fs", "loaded from the compilation cache" if from_cache else "compiled",
@@ -315,9 +316,9 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
     # ---- Steps: the train step compiled before the loop; every process waits for the others.
     train_step, from_cache = None, None
     if start_step < plan.total_steps:
-        train_step, from_cache = _compile_train_step(make_train_step(model, tx, schedule, config), state,
-                                                     shardings, _batch_spec(dataset, config.global_batch_size),
-                                                     mesh, base_key)
+        step_fn = make_train_step(model, tx, schedule, config, plan.ema_decay)
+        train_step, from_cache = _compile_train_step(step_fn, state, shardings,
+                                                     _batch_spec(dataset, config.global_batch_size), mesh, base_key)
         multihost.barrier("fastvit_train_step_compiled", config.barrier_timeout,
                           "every process to compile or load the train step")
     eval_step = jax.jit(make_eval_step(model), out_shardings=mesh_lib.replicated(mesh))
