@@ -75,6 +75,7 @@ class VariantConfig:
       num_classes: classifier width of the published weights (1000 ImageNet classes, or
         the CLIP embedding width of a MobileCLIP tower).
       mean, std: input normalisation of the published weights.
+      interpolation: resize filter of their evaluation transform.
     """
 
     name: str
@@ -96,6 +97,7 @@ class VariantConfig:
     num_classes: int = 1000
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
 
     def __post_init__(self):
         n = len(self.layers)
@@ -155,11 +157,15 @@ _CONFIGS = {
 
 VARIANTS: Tuple[str, ...] = tuple(_CONFIGS)
 
-_MCI_SMALL = dict(mlp_ratio=3.0, token_mixers=_RM3A, pos_emb=_PE4, layer_scale_init=1e-5, crop_pct=0.95,
+# The MobileCLIP towers' data config is Apple's and open_clip's preprocessing (resize the shorter
+# side bilinearly, centre crop at that size: crop 1.0), not timm's (bicubic, crop 0.95).
+_MCI_SMALL = dict(mlp_ratio=3.0, token_mixers=_RM3A, pos_emb=_PE4, layer_scale_init=1e-5, crop_pct=1.0,
+                  interpolation="bilinear",
                   se_downsamples=(False, False, True, True), lkc_use_act=True, num_classes=512,
                   mean=UNIT_MEAN, std=UNIT_STD)
 _MCI_LARGE = dict(mlp_ratio=4.0, token_mixers=("repmixer",) * 3 + ("attention",) * 2,
-                  pos_emb=(False, False, False, True, True), layer_scale_init=1e-5, crop_pct=0.95,
+                  pos_emb=(False, False, False, True, True), layer_scale_init=1e-5, crop_pct=1.0,
+                  interpolation="bilinear",
                   downsamples=(False, True, True, True, True), se_downsamples=(False,) * 5, lkc_use_act=True,
                   attention_norm="layernorm", stem_use_scale_branch=False, num_classes=768,
                   mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
@@ -281,6 +287,7 @@ class PretrainedCfg:
     num_features: int = 768
     first_conv: Tuple[str, ...] = ("stem.0.conv_kxk.0.conv", "stem.0.conv_scale.conv")
     classifier: str = "head.fc"
+    label_names: Tuple[str, ...] = ()  # class i's name (timm's key); empty: ImageNet-1k's for 1000 classes, else none
 
     @property
     def image_size(self) -> int:
@@ -310,14 +317,15 @@ def pretrained_cfg(variant: str, *, num_classes: Optional[int] = None,
 
     Base variants: 1000 ImageNet classes, 256 px, crop 0.9 (0.95 for ma36), bicubic, ImageNet
     mean/std. MobileCLIP towers: the CLIP embedding as classifier (512 for mci0-2, 768 for
-    mci3/mci4), crop 0.95, bicubic, 256 px; mean 0 / std 1 (mci0-2) or OpenAI CLIP's (mci3/mci4).
+    mci3/mci4), 256 px, bilinear with no crop (Apple's and open_clip's preprocessing); mean 0 /
+    std 1 (mci0-2) or OpenAI CLIP's (mci3/mci4).
     ``num_classes`` (default: the published head's) and ``image_size`` (square) override.
     """
     cfg = get_variant(variant)
     size = 256 if image_size is None else int(image_size)
     classes = cfg.num_classes if num_classes is None else int(num_classes)
     return PretrainedCfg(variant=cfg.name, num_classes=classes, input_size=(3, size, size),
-                         crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std, num_features=cfg.num_features,
+                         crop_pct=cfg.crop_pct, interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std, num_features=cfg.num_features,
                          first_conv=_first_conv(cfg))
 
 

@@ -370,3 +370,54 @@ def test_pipelines_normalise_with_the_given_mean_and_std(demo_dir):
     train = next(make_train_dataset("demo", demo_dir, global_batch_size=8, image_size=IMG, seed=0,
                                     augment=TrainAugment.minimal(), mean=(0, 0, 0), std=(1, 1, 1)).as_numpy_iterator())
     assert 0.0 <= train["image"].min() and train["image"].max() <= 1.0
+
+
+def _image_folder(root, classes=("cat", "dog", "fox"), train=5, val=2, ext=".jpg"):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for c, name in enumerate(classes):
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(60 + 60 * c, 30, (40 + 8 * i, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i:03d}{ext}")
+    (root / "train" / "notes.txt").write_text("not an image, not a class folder")
+    return root
+
+
+def test_image_folder_dataset(tmp_path):
+    """--dataset PATH: classes from the sorted train/ folders, files in sorted order, contiguous
+    per-process slices, the same pipelines as tfds (exact resume included), one-line layout errors."""
+    from fastvit_jax.data.folder import FolderDatasetError, folder_path, load_image_folder
+
+    root = _image_folder(tmp_path / "pets")
+    (root / "val" / "cat" / "002.png").write_bytes((root / "val" / "cat" / "000.jpg").read_bytes())  # a PNG name
+    assert folder_path(str(root)) == str(root) and folder_path(f"folder:{root}") == str(root)
+    assert folder_path("imagenet2012") is None and folder_path("imagenet2012_subset/1pct") is None
+    info = dataset_info(str(root), None)
+    assert (info.num_classes, info.class_names, info.num_train, info.num_eval, info.eval_split) == \
+        (3, ("cat", "dog", "fox"), 15, 7, "val")
+    folder = load_image_folder(str(root))
+    assert not folder.jpeg and folder.slice_sizes("train", 4) == [4, 4, 4, 3]
+    parts = [[(bytes(e["image"]), int(e["label"])) for e in folder.read("train", i, 4).as_numpy_iterator()]
+             for i in range(4)]
+    assert [label for part in parts for _, label in part] == [0] * 5 + [1] * 5 + [2] * 5
+
+    full = make_train_dataset(str(root), None, global_batch_size=4, image_size=32, seed=3,
+                              augment=TrainAugment.minimal())
+    batches = list(full.take(6).as_numpy_iterator())
+    resumed = list(make_train_dataset(str(root), None, global_batch_size=4, image_size=32, seed=3, start_step=4,
+                                      augment=TrainAugment.minimal()).take(2).as_numpy_iterator())
+    for a, b in zip(batches[4:], resumed):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    evals = list(make_eval_dataset(str(root), None, batch_size=4, image_size=32, crop_pct=0.9).as_numpy_iterator())
+    assert sum(int(b["mask"].sum()) for b in evals) == 7 and evals[0]["image"].shape == (4, 32, 32, 3)
+
+    with pytest.raises(FolderDatasetError, match=r"needs a train/ and a val/ .*; it has \['train'\]"):
+        import shutil
+        shutil.rmtree(root / "val")
+        load_image_folder(str(root))
+    with pytest.raises(FolderDatasetError, match="does not exist"):
+        load_image_folder(str(tmp_path / "nowhere"))

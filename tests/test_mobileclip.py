@@ -96,7 +96,7 @@ def test_variant_tables():
 def test_pretrained_cfg_and_default_head(variant, classes, mean, std):
     cfg = fastvit_jax.pretrained_cfg(variant)
     assert (cfg.num_classes, cfg.mean, cfg.std) == (classes, mean, std)
-    assert (cfg.crop_pct, cfg.interpolation, cfg.input_size) == (0.95, "bicubic", (3, 256, 256))
+    assert (cfg.crop_pct, cfg.interpolation, cfg.input_size) == (1.0, "bilinear", (3, 256, 256))  # Apple/open_clip
     model = fastvit_jax.create_model(variant)
     assert model.num_classes == classes and model.pretrained_cfg == cfg
     with torch.device("meta"):

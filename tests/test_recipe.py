@@ -59,10 +59,10 @@ APPLE_PER_VARIANT = {
     "mci3": {"drop_path": 0.35, "mixup": 0.8},
     "mci4": {"drop_path": 0.35, "mixup": 0.8},
 }
-# Evaluation centre crop of the released checkpoints (timm's apple_in1k configs; the MobileCLIP
-# towers' timm configs).
+# Evaluation centre crop of the released checkpoints (timm's apple_in1k configs; for the MobileCLIP
+# towers, Apple's and open_clip's preprocessing: no crop).
 EVAL_CROP = {"t8": 0.9, "t12": 0.9, "s12": 0.9, "sa12": 0.9, "sa24": 0.9, "sa36": 0.9, "ma36": 0.95,
-             "mci0": 0.95, "mci1": 0.95, "mci2": 0.95, "mci3": 0.95, "mci4": 0.95}
+             "mci0": 1.0, "mci1": 1.0, "mci2": 1.0, "mci3": 1.0, "mci4": 1.0}
 
 # Fields that are not part of the training recipe: what to run, where, how often things are
 # written, how the work is laid out, the precision and memory policy of the hardware.

@@ -404,3 +404,18 @@ def test_cli_sigterm_subprocess(data_dir, tmp_path):
     steps = [int(n) for n in os.listdir(wd / "checkpoints") if n.isdigit()]
     assert len(steps) == 1 and steps[0] >= 2
     assert "stopped (SIGTERM) at step" in err and "stopped at step" in out
+
+
+def test_training_on_an_image_folder_exports_its_class_names(tmp_path):
+    """--dataset PATH of class folders: trains, evaluates, and the export carries the folder's class names."""
+    from fastvit_jax.io import load_metadata
+    from test_data import _image_folder  # noqa: E402
+
+    root = _image_folder(tmp_path / "pets", train=6, val=2)
+    cfg = get_config("t8", dataset=str(root), workdir=str(tmp_path / "wd"), recipe="short", global_batch_size=8,
+                     image_size=32, num_epochs=None, num_steps=4, checkpoint_every=2, log_every=1, eval_every=0,
+                     eval_batch_size=8, progress=False, plot=False)
+    res = trainer.train_and_evaluate(cfg, model_fn=create_tiny_model)
+    assert res.final_step == 4 and res.eval["num_examples"] == 6 and res.config.num_classes == 3
+    names = json.loads(load_metadata(res.export_path)["pretrained_cfg"])["label_names"]
+    assert names == ["cat", "dog", "fox"]

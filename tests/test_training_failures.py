@@ -353,6 +353,14 @@ def test_sigterm_during_compilation_and_final_evaluation(data_dir, tmp_path, cap
     monkeypatch.setattr(trainer, "_evaluate", real_evaluate)
     status, out, _ = _run_cli(train, capsys)
     assert status == 0 and "done: step 10" in out and os.listdir(wd / "export")
+    from fastvit_jax.data.pipeline import dataset_info
+    from fastvit_jax.io import load_metadata
+    from fastvit_jax.variants import PretrainedCfg
+
+    exported = os.path.join(wd / "export", os.listdir(wd / "export")[0])  # the class names travel with the weights
+    data_config = PretrainedCfg.from_dict(json.loads(load_metadata(exported)["pretrained_cfg"]))
+    assert data_config.label_names == dataset_info("imagenet2012", data_dir).class_names
+    assert len(data_config.label_names) == data_config.num_classes == 1000  # imagenet2012: 4 classes used
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped bytes", "deleted shard", "data_dir is a file"])

@@ -1,4 +1,4 @@
-"""tf.data input pipelines (train / eval) for tfds image-classification datasets.
+"""tf.data input pipelines (train / eval) for tfds image-classification datasets and image folders.
 
 Batches are dicts of numpy-convertible tensors, NHWC:
   train: ``{'image': float32 (B, H, W, 3) ImageNet-normalized, 'label': int32 (B,)}``
@@ -41,6 +41,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from fastvit_jax.data import randaugment as ra
+from fastvit_jax.data.folder import FolderDatasetError, folder_path, load_image_folder  # noqa: F401
 from fastvit_jax.variants import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -86,6 +87,11 @@ def named_read_errors(batches: Iterable[Any], name: str, data_dir: str | None) -
     try:
         yield from batches
     except (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
+        images = folder_path(name)
+        if images is not None:
+            raise DatasetReadError(f"cannot read an image of the --dataset folder {images}: "
+                                   f"{_READ_ERRORS[type(e).__name__]} ({_tf_first_line(e)}); remove or replace "
+                                   f"that file") from None
         root = _resolve_data_dir(data_dir)
         folder = root if name in DEMO_NAMES else os.path.join(root, name)
         rebuild = ("delete its fastvit_demo folder and rerun: the demo dataset is prepared again" if name in DEMO_NAMES
@@ -120,6 +126,7 @@ class DatasetInfo:
     eval_split: str
     num_train: int
     num_eval: int
+    class_names: tuple[str, ...] = ()  # label i is class_names[i] (empty when the dataset names none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +183,24 @@ def _eval_split_name(splits: Iterable[str]) -> str:
     raise DatasetNotFoundError(f"No 'validation' or 'test' split among {splits}")
 
 
+def prepare_dataset(name: str, data_dir: str | None) -> None:
+    """Makes ``name`` readable: builds the demo dataset on first use, checks a tfds dataset is prepared
+    and an image folder has its layout (DatasetNotFoundError / FolderDatasetError otherwise)."""
+    path = folder_path(name)
+    if path is not None:
+        load_image_folder(path)
+    else:
+        get_builder(name, data_dir)
+
+
 def dataset_info(name: str, data_dir: str | None) -> DatasetInfo:
-    """Class count, split names and sizes of a prepared dataset ('demo' = fastvit_demo)."""
+    """Class count and names, split names and sizes of a prepared dataset ('demo' = fastvit_demo) or folder."""
+    path = folder_path(name)
+    if path is not None:
+        folder = load_image_folder(path)
+        return DatasetInfo(name=folder.root, num_classes=len(folder.class_names), train_split="train",
+                           eval_split=folder.eval_split, num_train=folder.num_examples("train"),
+                           num_eval=folder.num_examples(folder.eval_split), class_names=folder.class_names)
     builder = get_builder(name, data_dir)
     info = builder.info
     for feat in ("image", "label"):
@@ -191,6 +214,7 @@ def dataset_info(name: str, data_dir: str | None) -> DatasetInfo:
         eval_split=eval_split,
         num_train=int(info.splits["train"].num_examples),
         num_eval=int(info.splits[eval_split].num_examples),
+        class_names=tuple(info.features["label"].names),
     )
 
 
@@ -210,6 +234,25 @@ def _read_split(builder: tfds.core.DatasetBuilder, split: str) -> tf.data.Datase
 
 def _is_jpeg(builder: tfds.core.DatasetBuilder) -> bool:
     return getattr(builder.info.features["image"], "encoding_format", None) == "jpeg"
+
+
+def _split_slices(name: str, data_dir: str | None, which: str, process_index: int,
+                  process_count: int) -> tuple[tf.data.Dataset, list[int], bool]:
+    """(this process's encoded examples in a fixed order, every process's slice size, all JPEG?) of the
+    'train' or 'eval' split of a tfds dataset or an image folder."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    path = folder_path(name)
+    if path is not None:
+        folder = load_image_folder(path)
+        split = "train" if which == "train" else folder.eval_split
+        return (folder.read(split, process_index, process_count), folder.slice_sizes(split, process_count),
+                folder.jpeg)
+    builder = get_builder(name, data_dir)
+    split = "train" if which == "train" else _eval_split_name(builder.info.splits.keys())
+    slices = tfds.even_splits(split, process_count)
+    sizes = [int(builder.info.splits[s].num_examples) for s in slices]
+    return _read_split(builder, slices[process_index]), sizes, _is_jpeg(builder)
 
 
 # ----------------------------------------------------------------------------------------
@@ -373,13 +416,10 @@ def make_train_dataset(name: str, data_dir: str | None, *, global_batch_size: in
     if global_batch_size % process_count:
         raise ValueError(f"global_batch_size {global_batch_size} not divisible by {process_count}")
     local_batch = global_batch_size // process_count
-    builder = get_builder(name, data_dir)
-    split = _process_split("train", process_index, process_count)
-    n_local = int(builder.info.splits[split].num_examples)
+    raw, sizes, jpeg = _split_slices(name, data_dir, "train", process_index, process_count)
+    n_local = sizes[process_index]
     if n_local == 0:
         raise ValueError(f"process {process_index} has no train examples")
-    jpeg = _is_jpeg(builder)
-    raw = _read_split(builder, split)
     buffer = max(1, min(shuffle_buffer, n_local))
     shuffle_base = tf.constant([seed, 1_000_003 * process_count + process_index], tf.int64)
 
@@ -418,23 +458,17 @@ def make_eval_dataset(name: str, data_dir: str | None, *, batch_size: int, image
     if batch_size % process_count:
         raise ValueError(f"batch_size {batch_size} not divisible by {process_count}")
     local_batch = batch_size // process_count
-    builder = get_builder(name, data_dir)
-    eval_split = _eval_split_name(builder.info.splits.keys())
-    slices = tfds.even_splits(eval_split, process_count)
-    sizes = [int(builder.info.splits[s].num_examples) for s in slices]
-    _process_split(eval_split, process_index, process_count)  # validates process_index
+    raw, sizes, jpeg = _split_slices(name, data_dir, "eval", process_index, process_count)
     n_local = sizes[process_index]
     num_batches = -(-max(sizes) // local_batch)
     pad = num_batches * local_batch - n_local
-    jpeg = _is_jpeg(builder)
     _, crop = eval_image_size(image_size, crop_pct)
 
     def _map(ex: dict) -> dict:
         image = eval_preprocess(ex["image"], image_size=image_size, crop_pct=crop_pct, jpeg=jpeg, mean=mean, std=std)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)}
 
-    ds = _read_split(builder, slices[process_index]).map(
-        _map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = raw.map(_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if pad:
         filler = {"image": tf.zeros([crop, crop, 3], tf.float32), "label": tf.constant(0, tf.int32),
                   "mask": tf.constant(0.0)}

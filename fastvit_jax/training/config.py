@@ -94,8 +94,9 @@ class TrainConfig:
     recipe: str = option("apple", "named recipe under the flags you give: apple (Apple's ImageNet recipe) or short "
                                   "(runs of a few hundred steps on a small dataset: lr 2e-3, no mixup/cutmix/"
                                   "RandAugment/erasing)", choices=tuple(RECIPES))
-    dataset: str = option("imagenet2012", "tfds image-classification dataset, or 'demo' for the embedded "
-                                          "10-class offline dataset")
+    dataset: str = option("imagenet2012", "tfds image-classification dataset; 'demo' for the embedded 10-class "
+                                          "offline dataset; or a folder of images (a path, or folder:PATH) with "
+                                          "train/ and val/ subfolders of one folder per class")
     data_dir: Optional[str] = option(None, "tfds data_dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     workdir: str = option("workdir", "checkpoints, config.json, metrics.jsonl, tensorboard/, curves.png, export/")
     num_classes: Optional[int] = option(None, "classifier size (default: the dataset's class count)")

@@ -11,7 +11,7 @@ the trainer was given (``merge_pretrained`` / ``evaluate``), not against a varia
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -111,18 +111,19 @@ def _to_host(tree: Any) -> Any:
 
 
 def export_fused(workdir: str, variables: Dict[str, Any], config: TrainConfig, step: int,
-                 extra_metadata: Optional[Dict[str, str]] = None) -> str:
+                 extra_metadata: Optional[Dict[str, str]] = None, class_names: Sequence[str] = ()) -> str:
     """Reparameterizes ``variables`` and writes ``<workdir>/export/fastvit_<variant>_ema_fused.safetensors``.
 
     The header records the variant, form, classes and the run's data config (image size, eval
-    crop), so ``fastvit_jax.load_model`` / ``predict`` / ``export`` need no arguments. Every
+    crop, ``class_names`` as its ``label_names``), so ``fastvit_jax.load_model`` / ``predict`` / ``export`` need no arguments. Every
     process takes part (gathering sharded arrays); process 0 writes. Returns the path.
     """
     fused = fastvit_jax.reparameterize(_to_host(variables))
     path = os.path.join(workdir, EXPORT_DIRNAME, f"fastvit_{config.variant}_ema_fused.safetensors")
     if jax.process_index() == 0:
         data_config = pretrained_cfg(config.variant, num_classes=config.num_classes,
-                                     image_size=config.image_size).replace(crop_pct=config.eval_crop_pct)
+                                     image_size=config.image_size).replace(crop_pct=config.eval_crop_pct,
+                                                                           label_names=tuple(class_names))
         model = fastvit_jax.create_model(config.variant, num_classes=config.num_classes, inference_mode=True,
                                          pretrained_cfg=data_config)
         metadata = {"step": step, "dataset": config.dataset, "weights": "ema", **(extra_metadata or {})}

@@ -32,9 +32,9 @@ def setup_run(config: TrainConfig) -> Tuple[TrainConfig, Any, Mesh]:
     With several processes, process 0 prepares the dataset ('demo' is built on first use)
     while the others wait (--barrier_timeout).
     """
-    from fastvit_jax.data.pipeline import dataset_info, get_builder
+    from fastvit_jax.data.pipeline import dataset_info, prepare_dataset
 
-    multihost.run_on_process_0("fastvit_dataset_prepared", lambda: get_builder(config.dataset, config.data_dir),
+    multihost.run_on_process_0("fastvit_dataset_prepared", lambda: prepare_dataset(config.dataset, config.data_dir),
                                timeout_s=config.barrier_timeout, what=f"prepare dataset {config.dataset!r}")
     info = dataset_info(config.dataset, config.data_dir)
     if config.num_classes and config.num_classes != info.num_classes:

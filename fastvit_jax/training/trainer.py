@@ -408,6 +408,6 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
         result.plot_path = plot_curves(config.workdir)
     if config.export:
         result.export_path = export_fused(config.workdir, state.variables(ema=True), config, step,
-                                          {"ema_top1": f"{result.eval['ema_top1']:.6f}"})
+                                          {"ema_top1": f"{result.eval['ema_top1']:.6f}"}, info.class_names)
     log.info("done %.1fs since start", time.perf_counter() - t_start)
     return result
