@@ -30,6 +30,11 @@ _LAZY = {
 __all__ = ["VARIANTS", "MOBILECLIP_VARIANTS", "ALL_VARIANTS", "PretrainedCfg", "get_variant", "pretrained_cfg", *_LAZY]
 
 
+def __dir__():
+    """The public API (the lazily loaded names included), as ``__all__``."""
+    return sorted(set(globals()) | set(__all__))
+
+
 def __getattr__(name):
     if name in _LAZY:
         import importlib

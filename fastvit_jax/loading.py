@@ -1,6 +1,7 @@
 """From a weights file to a ready model in one call: ``load_model(path) -> (model, variables)``.
 
-Every file the converter reads is accepted (see ``fastvit_jax.weights.files``): the
+Every file the converter reads is accepted (see ``fastvit_jax.weights.files``), by path or by
+Hugging Face Hub name (``hf-hub:timm/fastvit_t8.apple_in1k``, see ``fastvit_jax.hub``): the
 project's own Flax ``.safetensors`` (converter outputs, trainer exports), timm's
 ``model.safetensors``, ``.pth`` / ``.pth.tar`` in timm's or Apple's layout, unfused or fused,
 EMA-wrapped. Variant, form and layout come from the tensors themselves; the file's metadata
@@ -16,6 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from fastvit_jax import hub
 from fastvit_jax.layers import trunc_normal_02
 from fastvit_jax.model import FastVit, create_model
 from fastvit_jax.variants import PretrainedCfg, pretrained_cfg
@@ -93,6 +95,8 @@ def load_model(path: str | os.PathLike, *, num_classes: Optional[int] = None, in
     which ``fastvit_jax.transforms.eval_transform(model.pretrained_cfg)`` applies to images.
     Raises ``LoadError`` / ``ConversionError`` (both ValueError) with a message naming the problem.
     """
+    if hub.is_hub_name(path):
+        path = hub.resolve(path)
     result = load_weights(path, variant=variant, fused=bool(inference_mode), prefer_ema=prefer_ema)
     if inference_mode is False and result.form == "fused":
         raise LoadError(f"{os.fspath(path)!r} holds fused (reparameterized) FastViT-{result.variant} weights, "

@@ -215,7 +215,7 @@ def _stage_index(index: int, num_stages: int) -> int:
 def create_model(variant: str, *, num_classes: Optional[int] = None, inference_mode: bool = False, drop_path_rate: float = 0.0,
                  dtype: Any = jnp.float32, drop_rate: float = 0.0, lowering: Optional[str] = None,
                  layer_scale_init_value: Optional[float] = None,
-                 pretrained_cfg: Optional[PretrainedCfg] = None) -> FastVit:
+                 pretrained_cfg: Optional[PretrainedCfg] = None, pretrained: Any = False) -> FastVit:
     """Build a FastViT variant ('t8' or 'fastvit_t8'; MobileCLIP towers 'mci0' ... 'mci4').
 
     ``num_classes`` defaults to the published head's width, as timm: 1000 for the base
@@ -227,7 +227,17 @@ def create_model(variant: str, *, num_classes: Optional[int] = None, inference_m
     ``pretrained_cfg`` (default: ``fastvit_jax.pretrained_cfg(variant, num_classes=...)``) is
     the data config carried by the model. Raises ValueError naming the valid variants for an
     unknown name. To use weights from a file, see ``fastvit_jax.load_model``.
+
+    ``pretrained`` (timm's habit): a hub name (``"hf-hub:timm/fastvit_t8.apple_in1k"``), a weights
+    file, or True for the variant's published ImageNet weights on the Hub (cached or fetched,
+    ``fastvit_jax.hub``); the module is then returned bound to those variables (``model(x)``
+    runs it; ``model.unbind()`` gives ``(module, variables)``), with the head resized when
+    ``num_classes`` differs from the file's.
     """
+    if pretrained:
+        return _bound_to_pretrained(variant, pretrained, num_classes=num_classes, inference_mode=inference_mode,
+                                    dtype=dtype, drop_path_rate=drop_path_rate, drop_rate=drop_rate,
+                                    lowering=lowering)
     cfg = get_variant(variant)
     num_classes = cfg.num_classes if num_classes is None else num_classes
     if pretrained_cfg is None:
@@ -235,3 +245,20 @@ def create_model(variant: str, *, num_classes: Optional[int] = None, inference_m
     return FastVit(cfg, num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
                    inference_mode=inference_mode, layer_scale_init_value=layer_scale_init_value, dtype=dtype,
                    lowering=lowering, pretrained_cfg=pretrained_cfg)
+
+
+def _bound_to_pretrained(variant: str, pretrained: Any, *, num_classes: Optional[int], inference_mode: bool,
+                         **model_kwargs: Any) -> FastVit:
+    """``create_model(..., pretrained=...)``: the loaded module bound to its variables."""
+    from fastvit_jax import hub
+    from fastvit_jax.loading import load_model
+
+    name = get_variant(variant).name
+    if pretrained is True:
+        if name not in hub.DEFAULT_REPOS:
+            raise ValueError(f"no default pretrained weights for {name}: pass pretrained='hf-hub:OWNER/REPO' or a "
+                             f"file (published defaults: {', '.join(hub.DEFAULT_REPOS)})")
+        pretrained = hub.HUB_PREFIX + hub.DEFAULT_REPOS[name]
+    model, variables = load_model(pretrained, variant=name, num_classes=num_classes,
+                                  inference_mode=True if inference_mode else None, **model_kwargs)
+    return model.bind(variables)

@@ -285,3 +285,46 @@ def test_apply_names_a_variables_form_mismatch(fused_vars, fused_model, fragment
     model = fastvit_jax.create_model("t8", inference_mode=fused_model)
     with pytest.raises(ValueError, match=re.escape(fragment)):
         jax.eval_shape(lambda: model.apply(variables, x))
+
+
+def _hub_cache(root, repo: str, files: dict) -> None:
+    """Lays out a Hugging Face cache (HF_HUB_CACHE) holding ``repo`` at one commit with ``files``."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    base = root / ("models--" + repo.replace("/", "--"))
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(commit)
+    snapshot = base / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, source in files.items():
+        (snapshot / name).write_bytes(source.read_bytes())
+
+
+def test_hub_names_load_from_the_cache_offline(t8_files, tmp_path, monkeypatch):
+    """load_model('hf-hub:...') and create_model(..., pretrained=True) read the Hub cache with
+    HF_HUB_OFFLINE; a repository that is not cached, or a malformed name, is one clear error."""
+    from huggingface_hub import constants
+
+    from fastvit_jax import hub
+
+    cache = tmp_path / "hub"
+    _hub_cache(cache, "timm/fastvit_t8.apple_in1k", {"model.safetensors": t8_files / "timm.safetensors",
+                                                     "config.json": t8_files / "timm.safetensors"})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))  # as HF_HOME / HF_HUB_OFFLINE=1 set them
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    x = images((2, 3, 64, 64), seed=4).transpose(0, 2, 3, 1)
+    reference, ref_vars = fastvit_jax.load_model(t8_files / "timm.safetensors")
+    expected = np.asarray(reference.apply(ref_vars, x))
+
+    model, variables = fastvit_jax.load_model("hf-hub:timm/fastvit_t8.apple_in1k")
+    np.testing.assert_array_equal(np.asarray(model.apply(variables, x)), expected)
+    bound = fastvit_jax.create_model("t8", pretrained=True)  # timm's habit: the module, bound to its weights
+    np.testing.assert_array_equal(np.asarray(bound(x)), expected)
+    assert fastvit_jax.create_model("t8", pretrained=True, num_classes=5).unbind()[0].num_classes == 5
+
+    with pytest.raises(hub.HubError, match=r"timm/fastvit_sa12\.apple_in1k is not in the Hugging Face cache \(.*hub\) "
+                                           r"and HF_HUB_OFFLINE is set"):
+        fastvit_jax.load_model("hf-hub:timm/fastvit_sa12.apple_in1k")
+    with pytest.raises(hub.HubError, match="not a hub name of the form hf-hub:OWNER/REPO"):
+        fastvit_jax.load_model("hf-hub:fastvit_t8")
+    with pytest.raises(ValueError, match="no default pretrained weights for mci0"):
+        fastvit_jax.create_model("mci0", pretrained=True)
