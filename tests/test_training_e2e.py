@@ -333,6 +333,11 @@ def test_second_start_loads_the_train_step_from_the_compilation_cache(data_dir, 
                                             model_fn=create_tiny_model)
     assert second.train_step_from_cache is True
     assert "Persistent compilation cache hit for 'jit_train_step'" in caplog.text  # JAX's own word
+    # Another run length (schedule, warm-up, EMA decay) is an input of the step, not a constant of it.
+    third = trainer.train_and_evaluate(cfg.replace(workdir=str(tmp_path / "third"), num_steps=7, ema_decay=None),
+                                       model_fn=create_tiny_model)
+    assert third.plan.schedule_steps == 7 and third.plan.ema_decay != first.plan.ema_decay
+    assert third.train_step_from_cache is True
     assert second.losses == first.losses
 
 

@@ -23,23 +23,25 @@ DECAY_LEAF_NAMES = frozenset({"kernel", "gamma"})
 
 
 def lr_schedule(
-    peak_lr: float,
+    peak_lr: Any,
     *,
-    total_steps: int,
-    warmup_steps: int = 0,
-    warmup_lr: float = 1e-6,
-    min_lr: float = 1e-5,
+    total_steps: Any,
+    warmup_steps: Any = 0,
+    warmup_lr: Any = 1e-6,
+    min_lr: Any = 1e-5,
 ) -> Callable[[Any], jnp.ndarray]:
-    """timm-style warm-up + cosine (absolute step) schedule; ``total_steps`` = cosine length."""
-    total = max(int(total_steps), 1)
-    warm = max(int(warmup_steps), 0)
+    """timm-style warm-up + cosine (absolute step) schedule; ``total_steps`` = cosine length.
+
+    The arguments may be Python numbers or traced scalars: the train step receives them as
+    inputs (``RunArgs``), so a run of another length reuses the compiled step.
+    """
 
     def schedule(step):
         t = jnp.asarray(step, jnp.float32)
+        total = jnp.maximum(jnp.asarray(total_steps, jnp.float32), 1.0)
+        warm = jnp.maximum(jnp.asarray(warmup_steps, jnp.float32), 0.0)
         cos = min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * jnp.minimum(t, total) / total))
-        if warm == 0:
-            return cos
-        warmup = warmup_lr + t * (peak_lr - warmup_lr) / warm
+        warmup = warmup_lr + t * (peak_lr - warmup_lr) / jnp.maximum(warm, 1.0)
         return jnp.where(t < warm, warmup, cos)
 
     return schedule

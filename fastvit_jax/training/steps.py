@@ -2,30 +2,57 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Any, Callable, Dict
 
 import flax.linen as nn
 import jax
+import numpy as np
 import optax
 
 from fastvit_jax.training.config import TrainConfig
 from fastvit_jax.training.ema import ema_update
 from fastvit_jax.training.losses import eval_sums, soft_cross_entropy, topk_correct
 from fastvit_jax.training.mixup import mixup_cutmix
+from fastvit_jax.training.optimizer import lr_schedule
+from fastvit_jax.training.plan import Plan
 from fastvit_jax.training.state import TrainState
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable,
-                    config: TrainConfig, ema_decay: float) -> Callable:
-    """(state, {'image': (B,H,W,3), 'label': (B,)}, key) -> (new state, scalar metrics).
+# What the train step takes as inputs rather than constants: everything that depends on the
+# run's length (so extending or shortening a run reuses the compiled program).
+RUN_ARG_NAMES = ("peak_lr", "schedule_steps", "warmup_steps", "warmup_lr", "min_lr", "ema_decay")
 
-    ``ema_decay``: the run's (``Plan.ema_decay``: the recipe's, or scaled down for a short run).
+
+def run_args(plan: Plan, config: TrainConfig) -> Dict[str, np.ndarray]:
+    """The train step's run arguments (float32 scalars) of ``plan``."""
+    values = {"peak_lr": plan.peak_lr, "schedule_steps": plan.schedule_steps, "warmup_steps": plan.warmup_steps,
+              "warmup_lr": config.warmup_lr, "min_lr": config.min_lr, "ema_decay": plan.ema_decay}
+    return {k: np.float32(values[k]) for k in RUN_ARG_NAMES}
+
+
+def schedule_of(args: Dict[str, Any]) -> Callable:
+    """The learning-rate schedule the run arguments describe (traced or concrete)."""
+    return lr_schedule(args["peak_lr"], total_steps=args["schedule_steps"], warmup_steps=args["warmup_steps"],
+                       warmup_lr=args["warmup_lr"], min_lr=args["min_lr"])
+
+
+def make_train_step(model: nn.Module, optimizer_for: Callable[[Callable], optax.GradientTransformation],
+                    config: TrainConfig) -> Callable:
+    """(state, {'image': (B,H,W,3), 'label': (B,)}, key, run args) -> (new state, scalar metrics).
+
+    ``optimizer_for(schedule)`` builds the optimizer for a learning-rate schedule; the step
+    builds it from the run arguments (``run_args``: schedule and EMA decay), which it takes as
+    inputs, so the compiled program does not depend on the run's length.
 
     Mixup/cutmix and drop path draw from ``key`` folded with the step, so a resumed run
     draws the same numbers as an uninterrupted one.
     """
 
-    def train_step(state: TrainState, batch: Dict[str, jax.Array], base_key: jax.Array):
+    def train_step(state: TrainState, batch: Dict[str, jax.Array], base_key: jax.Array,
+                   args: Dict[str, jax.Array]):
+        schedule = schedule_of(args)
+        tx = optimizer_for(schedule)
+        ema_decay = args["ema_decay"]
         k_mix, k_drop = jax.random.split(jax.random.fold_in(base_key, state.step))
         images, targets, _ = mixup_cutmix(
             k_mix, batch["image"], batch["label"], num_classes=config.num_classes, mixup_alpha=config.mixup,

@@ -34,13 +34,13 @@ from fastvit_jax.training.compile_cache import announce_compilation, count_cache
 from fastvit_jax.training.config import CONFIG_FILENAME, TrainConfig, check_workdir_config, write_workdir_config
 from fastvit_jax.training.evaluate import run_eval
 from fastvit_jax.training.metrics import MetricWriter, plot_curves, read_metrics
-from fastvit_jax.training.optimizer import lr_schedule, make_optimizer
+from fastvit_jax.training.optimizer import make_optimizer
 from fastvit_jax.training.plan import Plan, make_plan
 from fastvit_jax.training.preemption import StopSignals
 from fastvit_jax.training.pretrained import export_fused, load_weights_file, merge_pretrained
 from fastvit_jax.training.setup import resolve_dtype, setup_run
 from fastvit_jax.training.state import TrainState, create_state, init_variables
-from fastvit_jax.training.steps import make_eval_step, make_train_step
+from fastvit_jax.training.steps import make_eval_step, make_train_step, run_args, schedule_of
 from fastvit_jax.training.workdir_lock import WorkdirLock
 
 log = logging.getLogger("fastvit_jax.training")
@@ -134,21 +134,24 @@ def _initial_state(config: TrainConfig, model: nn.Module, tx, shardings: Any, ab
 
 
 def _compile_train_step(step_fn: Callable, state: TrainState, shardings: Any, batch_spec: Dict[str, Any],
-                        mesh: Mesh, base_key: jax.Array) -> Tuple[Callable, bool]:
-    """(compiled step, whether it came from the persistent cache). Explicit shardings, state donated."""
+                        mesh: Mesh, base_key: jax.Array, args: Dict[str, Any]) -> Tuple[Callable, bool]:
+    """(step(state, batch) with ``base_key`` and the run ``args`` bound, whether it came from the persistent
+    cache). Explicit shardings, state donated."""
     batch_sharding, replicated = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
-    jitted = jax.jit(step_fn, in_shardings=(shardings, {k: batch_sharding for k in batch_spec}, replicated),
+    jitted = jax.jit(step_fn, in_shardings=(shardings, {k: batch_sharding for k in batch_spec}, replicated,
+                                            replicated),
                      out_shardings=(shardings, replicated), donate_argnums=(0,))
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                       for k, (shape, dtype) in batch_spec.items()}
     start = time.perf_counter()
     what = f"the train step (global batch {next(iter(batch_spec.values()))[0][0]}, {mesh.size} device(s))"
     with count_cache_hits() as hits, announce_compilation(what, jax.config.jax_compilation_cache_dir):
-        compiled = jitted.lower(state, abstract_batch, base_key).compile()
+        compiled = jitted.lower(state, abstract_batch, base_key, args).compile()
     from_cache = hits[0] > 0
     log.info("train step %s in %.1fs", "loaded from the compilation cache" if from_cache else "compiled",
              time.perf_counter() - start)
-    return compiled, from_cache
+    args = jax.device_put(args, replicated)
+    return (lambda state, batch: compiled(state, batch, base_key, args)), from_cache
 
 
 def _batch_spec(dataset, global_batch_size: int) -> Dict[str, Tuple[tuple, Any]]:
@@ -289,9 +292,11 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
     # ---- Model and optimizer.
     model = model_fn(config.variant, num_classes=config.num_classes, drop_path_rate=config.drop_path,
                      dtype=resolve_dtype(config.dtype))
-    schedule = lr_schedule(plan.peak_lr, total_steps=plan.schedule_steps, warmup_steps=plan.warmup_steps,
-                           warmup_lr=config.warmup_lr, min_lr=config.min_lr)
-    tx = make_optimizer(schedule, weight_decay=config.weight_decay, clip_grad=config.clip_grad)
+    def optimizer_for(schedule: Callable) -> Any:
+        return make_optimizer(schedule, weight_decay=config.weight_decay, clip_grad=config.clip_grad)
+
+    args = run_args(plan, config)
+    tx = optimizer_for(schedule_of(args))  # its state does not depend on the schedule's values
 
     # ---- State: resumed, fine-tuned from --init_from, or fresh; created sharded.
     abstract_state = jax.eval_shape(lambda rng: create_state(init_variables(model, config.image_size, rng), tx),
@@ -316,9 +321,10 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
     # ---- Steps: the train step compiled before the loop; every process waits for the others.
     train_step, from_cache = None, None
     if start_step < plan.total_steps:
-        step_fn = make_train_step(model, tx, schedule, config, plan.ema_decay)
+        step_fn = make_train_step(model, optimizer_for, config)
         train_step, from_cache = _compile_train_step(step_fn, state, shardings,
-                                                     _batch_spec(dataset, config.global_batch_size), mesh, base_key)
+                                                     _batch_spec(dataset, config.global_batch_size), mesh, base_key,
+                                                     args)
         multihost.barrier("fastvit_train_step_compiled", config.barrier_timeout,
                           "every process to compile or load the train step")
     eval_step = jax.jit(make_eval_step(model), out_shardings=mesh_lib.replicated(mesh))
@@ -361,7 +367,7 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
             preempted = True
         while not preempted and step < plan.total_steps:
             batch = next(batches)
-            state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]}, base_key)
+            state, metrics = train_step(state, {"image": batch["image"], "label": batch["label"]})
             step += 1
             train_log.add(step, metrics)
             if step % config.log_every == 0:
