@@ -37,18 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="train_tpu.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser)
-    parser.add_argument("--eval_only", action="store_true",
-                        help="only evaluate --init_from (or the workdir's latest checkpoint)")
-    parser.add_argument("--restart_from_scratch", action="store_true",
-                        help="start again from step 0 in a workdir that holds an earlier run (config.json, or "
-                             "checkpoints moved aside as unreadable) but no readable checkpoint")
-    parser.add_argument("--no_export", action="store_true", help="skip the fused export of the final EMA weights")
-    parser.add_argument("--no_plot", action="store_true", help="skip curves.png")
-    parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
-    parser.add_argument("--host_malloc", choices=["auto", "tuned", "default"], default=None,
-                        help="glibc malloc settings that keep freed host memory (fastvit_jax/host_memory.py); "
-                             "auto (default, or $FASTVIT_HOST_MALLOC): tuned when no TPU/GPU plugin is installed")
+    groups = add_config_flags(parser)
+    outputs = groups["checkpointing and outputs"]
+    outputs.add_argument("--eval_only", action="store_true",
+                         help="only evaluate --init_from (or the workdir's latest checkpoint)")
+    outputs.add_argument("--restart_from_scratch", action="store_true",
+                         help="start again from step 0 in a workdir that holds an earlier run (config.json, or "
+                              "checkpoints moved aside as unreadable) but no readable checkpoint")
+    outputs.add_argument("--no_export", action="store_true", help="skip the fused export of the final EMA weights")
+    outputs.add_argument("--no_plot", action="store_true", help="skip curves.png")
+    outputs.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    groups["hardware"].add_argument(
+        "--host_malloc", choices=["auto", "tuned", "default"], default=None,
+        help="glibc malloc settings that keep freed host memory (fastvit_jax/host_memory.py); auto (default, or "
+             "$FASTVIT_HOST_MALLOC): tuned when no TPU/GPU plugin is installed")
     return parser
 
 

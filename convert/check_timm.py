@@ -142,6 +142,13 @@ def main(argv=None) -> int:
     p.add_argument("--image_size", type=int, default=128)
     p.add_argument("--out", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        print("error: convert.check_timm compares with an installed timm, and timm is not installed here (it is not "
+              "a dependency: it needs a torchvision that matches your torch); run it where `import timm` works",
+              file=sys.stderr)
+        return 2
     report = run(args.variants, args.image_size)
     if args.out:
         with open(args.out, "w") as f:

@@ -67,3 +67,10 @@ def test_run_reports_a_failing_variant_and_goes_on(monkeypatch):
     _fake_timm(monkeypatch, build)
     rep = check_timm.run(["t8"], image_size=64)
     assert not rep["ok"] and "no such model" in rep["variants"][0]["error"]
+
+
+def test_without_timm_it_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` raises ImportError
+    assert check_timm.main(["--variants", "t8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: convert.check_timm compares with an installed timm") and err.count("\n") == 1

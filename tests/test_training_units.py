@@ -654,3 +654,14 @@ def test_a_long_compilation_is_announced_and_ticks(caplog):
            "compilation cache (/cache) for the next start" in caplog.text
     assert caplog.text.count("still compiling the train step") >= 2
     assert "the compilation cache is off" in caplog.text and "still compiling the eval step" not in caplog.text
+
+
+def test_every_field_has_one_help_section():
+    from fastvit_jax.training.flags import FLAG_GROUPS
+
+    grouped = [name for names in FLAG_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    cli = _cli()
+    text = cli.build_parser().format_help()
+    positions = [text.index(f"\n{title}:") for title in FLAG_GROUPS]
+    assert positions == sorted(positions) and text.index("  --randaugment") > text.index("\naugmentation:")

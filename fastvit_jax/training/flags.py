@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import logging
 import typing
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 from fastvit_jax.training.config import CONFIG_FILENAME, TrainConfig, field_names, get_config, read_workdir_config
 
@@ -60,12 +60,35 @@ def flag_field_names() -> set:
     return {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("flag", True)}
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """Adds one --flag per TrainConfig field (except the entry point's own switches)."""
+# --help sections, in order, and the fields each shows (every TrainConfig field is in one).
+FLAG_GROUPS: Dict[str, Tuple[str, ...]] = {
+    "model": ("variant", "num_classes", "drop_path", "init_from"),
+    "data": ("dataset", "data_dir", "image_size", "crop_pct", "eval_batch_size"),
+    "optimisation": ("recipe", "global_batch_size", "lr", "lr_base", "lr_base_size", "weight_decay", "clip_grad",
+                     "label_smoothing", "ema_decay", "seed"),
+    "schedule": ("num_epochs", "num_steps", "cooldown_epochs", "warmup_epochs", "warmup_steps", "warmup_lr",
+                 "min_lr"),
+    "augmentation": ("mixup", "cutmix", "mixup_switch_prob", "randaugment", "reprob", "color_jitter", "rrc_scale",
+                     "hflip"),
+    "checkpointing and outputs": ("workdir", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every",
+                                  "eval_only", "export", "plot", "progress", "restart_from_scratch"),
+    "hardware": ("dtype", "mesh", "fsdp_min_size", "compilation_cache_dir", "distributed_timeout",
+                 "barrier_timeout"),
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> Dict[str, argparse._ArgumentGroup]:
+    """Adds one --flag per TrainConfig field (except the entry point's own switches), in the
+    ``FLAG_GROUPS`` sections; returns the sections so the entry point can add its switches."""
     hints = typing.get_type_hints(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in flag_field_names():
-            parser.add_argument(f"--{field.name}", **_flag_kwargs(field, hints[field.name]))
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    groups = {}
+    for title, names in FLAG_GROUPS.items():
+        groups[title] = parser.add_argument_group(title)
+        for name in names:
+            if name in flag_field_names():
+                groups[title].add_argument(f"--{name}", **_flag_kwargs(fields[name], hints[name]))
+    return groups
 
 
 def weights_file_settings(path: str) -> Dict[str, Any]:
