@@ -665,3 +665,19 @@ def test_every_field_has_one_help_section():
     text = cli.build_parser().format_help()
     positions = [text.index(f"\n{title}:") for title in FLAG_GROUPS]
     assert positions == sorted(positions) and text.index("  --randaugment") > text.index("\naugmentation:")
+
+
+def test_init_from_another_variant_or_a_fused_file_names_what_it_holds():
+    """--init_from a t12 checkpoint into t8 names t12 and the flag; a fused file says it cannot be fine-tuned."""
+    import fastvit_jax
+
+    def zeros(variant, inference_mode=False):
+        model = fastvit_jax.create_model(variant, num_classes=10, inference_mode=inference_mode)
+        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+        return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), dict(shapes))
+
+    t8 = zeros("t8")
+    with pytest.raises(ValueError, match=r"the file holds FastViT-t12 weights, this run trains t8: pass --variant t12"):
+        merge_pretrained(t8, zeros("t12"))
+    with pytest.raises(ValueError, match=r"the file holds fused FastViT-t8 weights: a fused export can be evaluated"):
+        merge_pretrained(t8, zeros("t8", inference_mode=True))

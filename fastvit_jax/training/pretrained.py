@@ -11,7 +11,7 @@ the trainer was given (``merge_pretrained`` / ``evaluate``), not against a varia
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -23,7 +23,7 @@ import fastvit_jax
 from fastvit_jax.training.config import TrainConfig
 from fastvit_jax.variants import pretrained_cfg
 from fastvit_jax.weights.files import read_weights_file
-from fastvit_jax.weights.state_dict import cast_floats, convert_state_dict
+from fastvit_jax.weights.state_dict import ConversionError, cast_floats, convert_state_dict, describe_variables
 
 EXPORT_DIRNAME = "export"
 COLLECTIONS = ("params", "batch_stats")
@@ -56,8 +56,32 @@ def _show(keys: List[tuple]) -> str:
     return ", ".join("/".join(k) for k in keys[:5]) + (" ..." if len(keys) > 5 else "")
 
 
-def _check_body_matches(fresh: Dict[tuple, Any], loaded: Dict[tuple, Any], collection: str) -> None:
-    """Raises ValueError listing missing, unexpected and wrongly shaped leaves outside the head."""
+def _identity(variables: Dict[str, Any]) -> Optional[Tuple[str, str]]:
+    """(variant, form) of a FastViT variables tree, or None for anything else."""
+    try:
+        variant, form, _ = describe_variables(variables)
+    except ConversionError:
+        return None
+    return variant, form
+
+
+def _mismatch_hint(fresh: Dict[str, Any], loaded: Dict[str, Any]) -> str:
+    """What the file holds and what to do, for a checkpoint that does not fit the model."""
+    model, found = _identity(fresh), _identity(loaded)
+    if found is None:
+        return "(the file is not a FastViT checkpoint)"
+    variant, form = found
+    if form == "fused":
+        return (f"(the file holds fused FastViT-{variant} weights: a fused export can be evaluated with --eval_only "
+                f"but not fine-tuned; fine-tune from the unfused checkpoint)")
+    if model is not None and model[0] != variant:
+        return f"(the file holds FastViT-{variant} weights, this run trains {model[0]}: pass --variant {variant})"
+    return f"(the file holds FastViT-{variant} weights in the train form)"
+
+
+def _check_body_matches(fresh: Dict[tuple, Any], loaded: Dict[tuple, Any], collection: str,
+                        hint: Callable[[], str]) -> None:
+    """Raises ValueError listing missing, unexpected and wrongly shaped leaves outside the head, then ``hint()``."""
     missing = [k for k in fresh if k not in loaded and not _is_head(k)]
     unexpected = [k for k in loaded if k not in fresh and not _is_head(k)]
     wrong_shape = [k for k in fresh if k in loaded and not _is_head(k)
@@ -68,7 +92,7 @@ def _check_body_matches(fresh: Dict[tuple, Any], loaded: Dict[tuple, Any], colle
     for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
         if keys:
             lines.append(f"  {what} {len(keys)}: {_show(keys)}")
-    lines.append("(a fused/reparameterized export can be evaluated with --eval_only but not fine-tuned)")
+    lines.append(hint())
     raise ValueError("\n".join(lines))
 
 
@@ -81,7 +105,7 @@ def merge_pretrained(fresh: Dict[str, Any], loaded: Dict[str, Any]) -> Tuple[Dic
     for collection in COLLECTIONS:
         fresh_leaves = _flatten(fresh.get(collection, {}))
         loaded_leaves = _flatten(loaded.get(collection, {}))
-        _check_body_matches(fresh_leaves, loaded_leaves, collection)
+        _check_body_matches(fresh_leaves, loaded_leaves, collection, lambda: _mismatch_hint(fresh, loaded))
         merged, head_reset = {}, False
         for key, value in fresh_leaves.items():
             if key in loaded_leaves and tuple(np.shape(loaded_leaves[key])) == tuple(value.shape):
