@@ -37,10 +37,10 @@ class Plan:
     notes: Tuple[str, ...] = ()  # what was changed from the recipe, and why
 
     def describe(self) -> str:
-        return (f"peak lr {self.peak_lr:.3g}, EMA decay {self.ema_decay:.4g}, warm-up {self.warmup_steps} steps, "
+        return (f"peak lr {self.peak_lr:.3g}, warm-up {self.warmup_steps} steps, "
                 f"cosine over {self.schedule_steps} steps, training to step {self.total_steps} "
                 f"({self.steps_per_epoch} steps per epoch), evaluating "
-                f"{f'every {self.eval_every} steps' if self.eval_every else 'at the end'}")
+                f"{f'every {self.eval_every} steps' if self.eval_every else 'at the end'}, EMA decay {self.ema_decay:.4g}")
 
 
 def _warmup(config: TrainConfig, steps_per_epoch: int, schedule_steps: int) -> Tuple[int, Tuple[str, ...]]:
