@@ -1,9 +1,12 @@
 """Classify images with a FastViT checkpoint: ``python -m fastvit_jax.predict CHECKPOINT IMAGE [IMAGE ...]``.
 
 CHECKPOINT is any file ``fastvit_jax.load_model`` reads (the project's .safetensors, timm's
-model.safetensors, .pth/.pth.tar in timm or Apple layout, unfused or fused). Images are read
-and transformed with the checkpoint's data config (``fastvit_jax.transforms.eval_transform``);
-1000-class models print ImageNet class names, others class indices.
+model.safetensors, .pth/.pth.tar in timm or Apple layout, unfused or fused), or a Hub name
+(``hf-hub:timm/fastvit_t8.apple_in1k``). Images are read and transformed with the checkpoint's
+data config (``fastvit_jax.transforms.eval_transform``). Classes are named by the data config's
+``label_names`` (a fine-tuned export carries its dataset's), else ImageNet's for 1000 classes,
+else by index. An embedding model (a MobileCLIP image tower, or a file without a classifier)
+prints its embedding (L2 norm and the first values; ``--json``: the whole vector), never classes.
 
 Exit status: 0 when every image was classified, 1 when some image could not be read (the
 others are still classified), 2 when the checkpoint cannot be used.
@@ -27,6 +30,35 @@ def imagenet_class_names() -> List[str]:
     with open(_CLASS_FILE, encoding="utf-8") as f:
         rows = [line.rstrip("\n").split("\t") for line in f if not line.startswith("#")]
     return [names.split(", ")[0] for _, names in rows]
+
+
+EMBEDDING_SHOWN = 8  # values of an embedding printed as text (--json prints all)
+
+
+def is_embedding_model(model) -> bool:
+    """True when the model's output is an embedding, not class logits: no classifier (num_classes 0), or a
+    MobileCLIP image tower whose head is the published CLIP projection (and no class names say otherwise)."""
+    from fastvit_jax.variants import MOBILECLIP_VARIANTS, get_variant
+
+    if model.num_classes == 0:
+        return True
+    cfg = model.pretrained_cfg
+    return (model.cfg.name in MOBILECLIP_VARIANTS and model.num_classes == get_variant(model.cfg.name).num_classes
+            and not (cfg is not None and cfg.label_names))
+
+
+def class_names(model) -> Optional[List[str]]:
+    """The data config's label_names, ImageNet's for an unnamed 1000-class head, else None (indices)."""
+    cfg = model.pretrained_cfg
+    if cfg is not None and len(cfg.label_names) == model.num_classes:
+        names = list(cfg.label_names)
+        return imagenet_class_names() if model.num_classes == 1000 and all(_is_synset(n) for n in names) else names
+    return imagenet_class_names() if model.num_classes == 1000 else None
+
+
+def _is_synset(name: str) -> bool:
+    """WordNet ids as tfds's imagenet2012 names its classes (n01440764): shown as ImageNet's words."""
+    return len(name) == 9 and name[0] == "n" and name[1:].isdigit()
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -69,10 +101,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if model.num_classes == 0:
-        print(f"error: {args.checkpoint!r} has no classifier head (num_classes 0); nothing to predict", file=sys.stderr)
-        return 2
-    names = imagenet_class_names() if model.num_classes == 1000 else None
+    embedding = is_embedding_model(model)
+    names = class_names(model)
     transform = eval_transform(model.pretrained_cfg)
     forward = jax.jit(lambda v, x: model.apply(v, x))
 
@@ -90,14 +120,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pad = args.batch_size - len(chunk) if len(ready) > args.batch_size else 0
         if pad:  # one compiled shape for every batch
             batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
-        logits = np.asarray(forward(variables, batch))[:len(chunk)]
-        results += [{"image": path, "top": top_k(row, args.top, names)} for (path, _), row in zip(chunk, logits)]
+        outputs = np.asarray(forward(variables, batch))[:len(chunk)]
+        if embedding:
+            results += [{"image": path, "embedding": [float(v) for v in row], "norm": float(np.linalg.norm(row))}
+                        for (path, _), row in zip(chunk, outputs)]
+        else:
+            results += [{"image": path, "top": top_k(row, args.top, names)} for (path, _), row in zip(chunk, outputs)]
 
     if args.json:
         print(json.dumps({"checkpoint": args.checkpoint, "variant": model.cfg.name, "results": results}, indent=2))
     else:
         for result in results:
             print(result["image"])
+            if embedding:
+                head = ", ".join(f"{v:+.4f}" for v in result["embedding"][:EMBEDDING_SHOWN])
+                print(f"  embedding ({len(result['embedding'])} values, L2 norm {result['norm']:.4f}): [{head}, ...]")
+                continue
             for rank, entry in enumerate(result["top"], 1):
                 print(f"  {rank}. {entry['prob']:6.2%}  {entry['index']:>4}  {entry['label']}")
     return 1 if failed else 0

@@ -328,3 +328,34 @@ def test_hub_names_load_from_the_cache_offline(t8_files, tmp_path, monkeypatch):
         fastvit_jax.load_model("hf-hub:fastvit_t8")
     with pytest.raises(ValueError, match="no default pretrained weights for mci0"):
         fastvit_jax.create_model("mci0", pretrained=True)
+
+
+def test_predict_names_classes_from_the_file_and_prints_embeddings(tmp_path, capsys):
+    """A fine-tuned export's class names are printed; a model without classifier (or a MobileCLIP
+    tower) prints its embedding, never a softmax over its dimensions."""
+    from PIL import Image
+
+    from fastvit_jax import predict
+
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 70, 3), dtype=np.uint8)).save(image)
+    names = ("cat", "dog", "fox")
+    for classes, label_names in ((3, names), (0, ())):
+        cfg = fastvit_jax.pretrained_cfg("t8", num_classes=classes, image_size=64).replace(label_names=label_names)
+        model = fastvit_jax.create_model("t8", num_classes=classes, inference_mode=True, pretrained_cfg=cfg)
+        variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32))
+        path = tmp_path / f"m{classes}.safetensors"
+        fastvit_jax.save_variables(path, jax.device_get(variables), model=model)
+        capsys.readouterr()
+        assert predict.main([str(path), str(image), "--top", "3"]) == 0
+        out = capsys.readouterr().out
+        if classes:
+            assert sorted(line.split()[-1] for line in out.splitlines()[1:]) == sorted(names)
+        else:
+            assert "embedding (768 values, L2 norm" in out
+            assert predict.main([str(path), str(image), "--json"]) == 0
+            result = json.loads(capsys.readouterr().out)["results"][0]
+            assert len(result["embedding"]) == 768 and "top" not in result
+    assert predict.is_embedding_model(fastvit_jax.create_model("mci0"))  # the CLIP projection, not classes
+    assert not predict.is_embedding_model(fastvit_jax.create_model("mci0", num_classes=10))
+    assert not predict.is_embedding_model(fastvit_jax.create_model("t8"))
