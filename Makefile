@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet -r requirements.lock
 	$(VPY) -m pip install --quiet --no-deps -e .
+	# libtpu for train_tpu.py --compile_only, beside the environment (not importable: CPU/GPU runs never load it)
+	test -f $(VENV)/libtpu-aot/libtpu/libtpu.so || $(VPY) -m pip install --quiet --no-deps --target $(VENV)/libtpu-aot libtpu==0.0.42.1
 	touch $(STAMP)
 
 demo: setup

@@ -48,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     outputs.add_argument("--no_plot", action="store_true", help="skip curves.png")
     outputs.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     groups["hardware"].add_argument(
+        "--compile_only", action="store_true",
+        help="compile the train and eval steps for --topology (a TPU slice, from this host, no TPU needed) and print "
+             "per-chip memory, FLOPs, bytes and the roofline estimates; writes them to --compile_only_out")
+    groups["hardware"].add_argument("--topology", default=None,
+                                    help="TPU slice for --compile_only: v4, v5e, v5p or v6e and its shape, e.g. "
+                                         "v5e:8x8, v5e:2x2, v4:2x2x2")
+    groups["hardware"].add_argument("--compile_only_out", default=None,
+                                    help="JSON report of --compile_only (default <workdir>/compile_only.json)")
+    groups["hardware"].add_argument(
         "--host_malloc", choices=["auto", "tuned", "default"], default=None,
         help="glibc malloc settings that keep freed host memory (fastvit_jax/host_memory.py); auto (default, or "
              "$FASTVIT_HOST_MALLOC): tuned when no TPU/GPU plugin is installed")
@@ -63,6 +72,8 @@ def config_from_args(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.compile_only:
+        return compile_only_main(args)
     # Before JAX starts its threads (see fastvit_jax/host_memory.py): on CPU-only hosts, stop
     # XLA's per-step buffers from being unmapped and page-faulted back in (1.35x per step on 2 cores).
     from fastvit_jax import host_memory
@@ -81,6 +92,29 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_PEER_LOST
     return run(lambda: config_from_args(args))
+
+
+def compile_only_main(args: argparse.Namespace) -> int:
+    """--compile_only: the run's steps compiled for a TPU slice on this host; 0, or 2 with one line."""
+    from fastvit_jax.training.aot import CompileOnlyError, compile_only, describe, prepare_deviceless_tpu, write_report
+
+    try:
+        if not args.topology:
+            raise CompileOnlyError("--compile_only needs --topology, e.g. --topology v5e:8x8")
+        prepare_deviceless_tpu()  # before JAX starts
+        configure_logging()
+        import fastvit_jax
+
+        config = config_from_args(args)
+        report = compile_only(config, args.topology, fastvit_jax.create_model)
+        path = write_report(report, args.compile_only_out or os.path.join(config.workdir, "compile_only.json"))
+    except ValueError as e:  # CompileOnlyError, bad flags
+        if os.environ.get("FASTVIT_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(describe(report) + f"\n  report: {path}")
+    return 0
 
 
 def configure_logging() -> None:

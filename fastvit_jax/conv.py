@@ -27,6 +27,11 @@ def default_lowering() -> str:
     return "shift" if jax.default_backend() == "cpu" else "native"
 
 
+def resolve_lowering(lowering: Optional[str]) -> str:
+    """``lowering``, or the backend's default when None; ValueError for an unknown name."""
+    return _check_lowering(lowering or default_lowering())
+
+
 def _check_lowering(lowering: str) -> str:
     if lowering not in LOWERINGS:
         raise ValueError(f"unknown conv lowering {lowering!r}; valid: {', '.join(LOWERINGS)}")
@@ -34,11 +39,15 @@ def _check_lowering(lowering: str) -> str:
 
 
 def conv2d_native(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int) -> jax.Array:
-    """``lax.conv_general_dilated`` with explicit symmetric padding (never 'SAME')."""
+    """``lax.conv_general_dilated`` with explicit symmetric padding (never 'SAME'), in x's dtype.
+
+    Operands and result stay in the compute dtype (bfloat16 convs are bfloat16 in and out, with
+    float32 accumulation inside the kernel, as cuDNN and the TPU do). Asking for a float32 result
+    instead makes XLA:GPU run the whole conv, forward and backward, in float32.
+    """
     return lax.conv_general_dilated(
-        x, kernel, (stride, stride), ((padding, padding), (padding, padding)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
-        preferred_element_type=jnp.float32).astype(x.dtype)
+        x, kernel.astype(x.dtype), (stride, stride), ((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
 def _windows(xp: jax.Array, kh: int, kw: int, stride: int, out_h: int, out_w: int) -> list:
@@ -263,7 +272,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
     ``lax.conv_general_dilated``; 'shift' uses multiply-adds for one-input-channel-per-group
     convs and a matmul for dense 1x1 convs (other convs stay native).
     """
-    lowering = _check_lowering(lowering or default_lowering())
+    lowering = resolve_lowering(lowering)
     kh, kw, in_per_group, _ = kernel.shape
     if lowering == "shift":
         if in_per_group == 1 and groups == x.shape[-1] and groups > 1:

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fastvit_jax.conv import conv2d
+from fastvit_jax.conv import conv2d, resolve_lowering
+from fastvit_jax.remat import saved
 
 Dtype = Any
 
@@ -66,8 +67,8 @@ class Conv2d(nn.Module):
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, in_chs // self.groups, self.features), self.param_dtype)
         pad = same_padding(k, self.stride) if self.padding is None else self.padding
-        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride, padding=pad,
-                   groups=self.groups, lowering=self.lowering)
+        y = saved(conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride, padding=pad,
+                         groups=self.groups, lowering=self.lowering))
         if self.use_bias:
             fan_in = k * k * in_chs // self.groups
             bound = 1.0 / fan_in ** 0.5
@@ -80,7 +81,8 @@ class BatchNorm(nn.Module):
     """torch.nn.BatchNorm2d on NHWC (eps 1e-5, momentum 0.1).
 
     Train: normalizes with the biased batch variance and updates the running variance with
-    the unbiased one, like PyTorch. Statistics are computed in float32 whatever ``dtype``.
+    the unbiased one, like PyTorch. Statistics are computed in float32 whatever ``dtype``, in
+    one pass (mean and mean of squares).
     Under ``jax.jit`` with a batch sharded over devices the statistics are global (sync BN).
     """
 
@@ -99,8 +101,10 @@ class BatchNorm(nn.Module):
         xf = x.astype(jnp.float32)
         if train:
             axes = tuple(range(x.ndim - 1))
+            # One pass over x (E[x^2] - E[x]^2 in float32, as flax's use_fast_variance): the two
+            # reductions fuse into one read of the activations, in the forward and the backward.
             mean = jnp.mean(xf, axes)
-            var = jnp.mean(jnp.square(xf - mean), axes)
+            var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
             if not self.is_initializing():
                 n = x.size // c
                 unbiased = var * (n / max(n - 1, 1))
@@ -114,7 +118,10 @@ class BatchNorm(nn.Module):
 
 
 class ConvNorm(nn.Module):
-    """conv (no bias) -> BatchNorm (submodules ``conv``, ``bn``)."""
+    """conv (no bias) -> BatchNorm (submodules ``conv``, ``bn``).
+
+    The conv runs in ``dtype``; the BatchNorm output is ``norm_dtype`` (default ``dtype``).
+    """
 
     features: int
     kernel_size: int
@@ -123,12 +130,13 @@ class ConvNorm(nn.Module):
     kernel_init: Any = torch_default_init
     dtype: Dtype = jnp.float32
     lowering: Optional[str] = None
+    norm_dtype: Optional[Dtype] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = Conv2d(self.features, self.kernel_size, self.stride, self.groups, kernel_init=self.kernel_init,
                    dtype=self.dtype, lowering=self.lowering, name="conv")(x)
-        return BatchNorm(dtype=self.dtype, name="bn")(x, train)
+        return BatchNorm(dtype=self.norm_dtype or self.dtype, name="bn")(x, train)
 
 
 class LayerScale2d(nn.Module):
@@ -148,13 +156,15 @@ class SqueezeExcite(nn.Module):
 
     rd_ratio: float = 0.0625
     dtype: Dtype = jnp.float32
+    lowering: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
-        s = nn.relu(Conv2d(int(c * self.rd_ratio), 1, use_bias=True, dtype=self.dtype, name="fc1")(s))
-        s = Conv2d(c, 1, use_bias=True, dtype=self.dtype, name="fc2")(s)
+        s = nn.relu(Conv2d(int(c * self.rd_ratio), 1, use_bias=True, dtype=self.dtype, lowering=self.lowering,
+                           name="fc1")(s))
+        s = Conv2d(c, 1, use_bias=True, dtype=self.dtype, lowering=self.lowering, name="fc2")(s)
         return x * jax.nn.sigmoid(s)
 
 
@@ -209,6 +219,7 @@ class MobileOneBlock(nn.Module):
     num_conv_branches: int = 1
     dtype: Dtype = jnp.float32
     lowering: Optional[str] = None
+    norm_dtype: Optional[Dtype] = None  # of the BatchNorm outputs and their sum (default: dtype)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -217,14 +228,16 @@ class MobileOneBlock(nn.Module):
             out = Conv2d(self.out_chs, self.kernel_size, use_bias=True, name="reparam_conv", **conv_args)(x)
         else:
             out = 0.0
+            norm_dtype = self.norm_dtype or self.dtype
             if self.out_chs == self.in_chs and self.stride == 1:
-                out = BatchNorm(dtype=self.dtype, name="identity")(x, train)
+                out = BatchNorm(dtype=norm_dtype, name="identity")(x, train)
             if self.kernel_size > 1 and self.use_scale_branch:
-                out = out + ConvNorm(self.out_chs, 1, name="conv_scale", **conv_args)(x, train)
+                out = out + ConvNorm(self.out_chs, 1, name="conv_scale", norm_dtype=norm_dtype, **conv_args)(x, train)
             for i in range(self.num_conv_branches):
-                out = out + ConvNorm(self.out_chs, self.kernel_size, name=f"conv_kxk_{i}", **conv_args)(x, train)
+                out = out + ConvNorm(self.out_chs, self.kernel_size, name=f"conv_kxk_{i}", norm_dtype=norm_dtype,
+                                     **conv_args)(x, train)
         if self.use_se:
-            out = SqueezeExcite(dtype=self.dtype, name="se")(out)
+            out = SqueezeExcite(dtype=self.dtype, lowering=self.lowering, name="se")(out)
         return gelu(out) if self.use_act else out
 
 
@@ -259,7 +272,7 @@ class ReparamLargeKernelConv(nn.Module):
             if self.small_kernel:
                 out = out + ConvNorm(self.out_chs, self.small_kernel, name="small_conv", **conv_args)(x, train)
         if self.use_se:
-            out = SqueezeExcite(rd_ratio=0.25, dtype=self.dtype, name="se")(out)
+            out = SqueezeExcite(rd_ratio=0.25, dtype=self.dtype, lowering=self.lowering, name="se")(out)
         return gelu(out) if self.use_act else out
 
 
@@ -303,9 +316,13 @@ class RepMixer(nn.Module):
         if self.inference_mode:
             return Conv2d(self.dim, self.kernel_size, groups=self.dim, use_bias=True, dtype=self.dtype,
                           lowering=self.lowering, name="reparam_conv")(x)
-        # mixer(x) - norm(x) cancels most of both terms: computed in float32 so that a
-        # bfloat16 run does not lose the small difference (the fused form is one conv).
-        common = dict(groups=self.dim, use_act=False, dtype=jnp.float32, lowering=self.lowering)
+        # mixer(x) - norm(x) cancels most of both terms (their identity BatchNorms of the same
+        # x): the BatchNorm outputs and the difference are float32 so that a bfloat16 run does not
+        # lose it; the depthwise convs themselves run in the compute dtype.
+        # (The 'shift' lowering reads its taps in float32 anyway: there the float32 input is kept.)
+        conv_dtype = jnp.float32 if resolve_lowering(self.lowering) == "shift" else self.dtype
+        common = dict(groups=self.dim, use_act=False, dtype=conv_dtype, norm_dtype=jnp.float32,
+                      lowering=self.lowering)
         norm = MobileOneBlock(self.dim, self.dim, self.kernel_size, use_scale_branch=False, num_conv_branches=0,
                               name="norm", **common)(x, train)
         mixer = MobileOneBlock(self.dim, self.dim, self.kernel_size, name="mixer", **common)(x, train)
@@ -327,13 +344,14 @@ class Attention(nn.Module):
         b, h, w, c = x.shape
         heads = self.dim // self.head_dim
         tokens = x.reshape(b, h * w, c)
-        qkv = nn.Dense(3 * self.dim, use_bias=False, kernel_init=trunc_normal_02, dtype=self.dtype, name="qkv")(tokens)
+        qkv = saved(nn.Dense(3 * self.dim, use_bias=False, kernel_init=trunc_normal_02, dtype=self.dtype,
+                             name="qkv")(tokens))
         qkv = qkv.reshape(b, h * w, 3, heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * self.head_dim ** -0.5, k).astype(jnp.float32)
+        logits = saved(jnp.einsum("bqhd,bkhd->bhqk", q * self.head_dim ** -0.5, k)).astype(jnp.float32)
         attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, h * w, c)
-        out = nn.Dense(self.dim, kernel_init=trunc_normal_02, dtype=self.dtype, name="proj")(out)
+        out = saved(jnp.einsum("bhqk,bkhd->bqhd", attn, v)).reshape(b, h * w, c)
+        out = saved(nn.Dense(self.dim, kernel_init=trunc_normal_02, dtype=self.dtype, name="proj")(out))
         return out.reshape(b, h, w, c)
 
 

@@ -18,6 +18,7 @@ from fastvit_jax.layers import (
     trunc_normal_02,
 )
 from fastvit_jax.conv import materialize, needs_materialized_input
+from fastvit_jax.remat import check_policy, rematerialized
 from fastvit_jax.variants import PretrainedCfg, VariantConfig, drop_path_rates, get_variant
 from fastvit_jax.variants import pretrained_cfg as default_pretrained_cfg
 
@@ -49,10 +50,13 @@ class FastVitStage(nn.Module):
     inference_mode: bool = False
     dtype: Dtype = jnp.float32
     lowering: Optional[str] = None
+    remat: str = "none"  # what the backward recomputes per block (fastvit_jax.remat)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         common = dict(dtype=self.dtype, lowering=self.lowering)
+        repmixer_block, attention_block = (rematerialized(RepMixerBlock, self.remat),
+                                           rematerialized(AttentionBlock, self.remat))
         if self.downsample:
             x = PatchEmbed(7, 2, self.dim, self.dim_out, use_se=self.se_downsample, lkc_use_act=self.lkc_use_act,
                            inference_mode=self.inference_mode, name="downsample", **common)(x, train)
@@ -62,10 +66,10 @@ class FastVitStage(nn.Module):
             if needs_materialized_input(self.lowering):
                 x = materialize(x)  # the residual stream: written once, not recomputed by later blocks
             if self.token_mixer == "repmixer":
-                block = RepMixerBlock(self.dim_out, self.kernel_size, self.mlp_ratio, self.drop, self.drop_path[i],
+                block = repmixer_block(self.dim_out, self.kernel_size, self.mlp_ratio, self.drop, self.drop_path[i],
                                       self.layer_scale_init_value, self.inference_mode, name=f"blocks_{i}", **common)
             elif self.token_mixer == "attention":
-                block = AttentionBlock(self.dim_out, self.mlp_ratio, self.drop, self.drop_path[i],
+                block = attention_block(self.dim_out, self.mlp_ratio, self.drop, self.drop_path[i],
                                        self.layer_scale_init_value, self.head_dim, self.attention_norm,
                                        name=f"blocks_{i}", **common)
             else:
@@ -109,6 +113,7 @@ class FastVit(nn.Module):
     dtype: Dtype = jnp.float32
     lowering: Optional[str] = None
     pretrained_cfg: Optional[PretrainedCfg] = None
+    remat: str = "none"  # what the backward recomputes per block: none, elementwise, block (fastvit_jax.remat)
 
     def setup(self):
         cfg = self.cfg
@@ -131,7 +136,7 @@ class FastVit(nn.Module):
                 mlp_ratio=cfg.mlp_ratio, kernel_size=cfg.repmixer_kernel_size, drop_path=tuple(dpr[i]),
                 layer_scale_init_value=ls_init, drop=self.proj_drop_rate, head_dim=cfg.head_dim,
                 se_downsample=cfg.se_downsamples[i], lkc_use_act=cfg.lkc_use_act,
-                attention_norm=cfg.attention_norm, **common))
+                attention_norm=cfg.attention_norm, remat=self.remat, **common))
             prev = dim
         self.stages = stages
         self.final_conv = MobileOneBlock(prev, cfg.num_features, 3, 1, groups=prev, use_se=True, **common)
@@ -215,14 +220,16 @@ def _stage_index(index: int, num_stages: int) -> int:
 def create_model(variant: str, *, num_classes: Optional[int] = None, inference_mode: bool = False, drop_path_rate: float = 0.0,
                  dtype: Any = jnp.float32, drop_rate: float = 0.0, lowering: Optional[str] = None,
                  layer_scale_init_value: Optional[float] = None,
-                 pretrained_cfg: Optional[PretrainedCfg] = None, pretrained: Any = False) -> FastVit:
+                 pretrained_cfg: Optional[PretrainedCfg] = None, pretrained: Any = False,
+                 remat: str = "none") -> FastVit:
     """Build a FastViT variant ('t8' or 'fastvit_t8'; MobileCLIP towers 'mci0' ... 'mci4').
 
     ``num_classes`` defaults to the published head's width, as timm: 1000 for the base
     variants, the CLIP embedding width (512 for mci0-2, 768 for mci3/mci4) for the towers.
 
     ``inference_mode=True`` builds the fused graph (the tree ``reparameterize`` produces).
-    ``dtype`` is the compute dtype (params stay float32). ``lowering`` forces the conv
+    ``dtype`` is the compute dtype (params stay float32). ``remat`` ('none', 'elementwise',
+    'block'): what the training backward recomputes (``fastvit_jax.remat``). ``lowering`` forces the conv
     lowering ('native' or 'shift'; default: chosen per backend, see ``fastvit_jax.conv``).
     ``pretrained_cfg`` (default: ``fastvit_jax.pretrained_cfg(variant, num_classes=...)``) is
     the data config carried by the model. Raises ValueError naming the valid variants for an
@@ -244,7 +251,7 @@ def create_model(variant: str, *, num_classes: Optional[int] = None, inference_m
         pretrained_cfg = default_pretrained_cfg(cfg.name, num_classes=num_classes)
     return FastVit(cfg, num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
                    inference_mode=inference_mode, layer_scale_init_value=layer_scale_init_value, dtype=dtype,
-                   lowering=lowering, pretrained_cfg=pretrained_cfg)
+                   lowering=lowering, pretrained_cfg=pretrained_cfg, remat=check_policy(remat))
 
 
 def _bound_to_pretrained(variant: str, pretrained: Any, *, num_classes: Optional[int], inference_mode: bool,

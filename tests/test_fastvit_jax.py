@@ -357,3 +357,44 @@ def test_gelu_is_exact_erf_form():
     np.testing.assert_allclose(np.asarray(gelu(jnp.asarray(x))), ref, atol=2e-6)
     tanh_approx = np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=True))
     assert np.abs(tanh_approx - ref).max() > 1e-4  # the trap this guards against
+
+
+@pytest.mark.parametrize("lowering", ["shift", "native"])
+def test_train_mode_gradients_and_batch_stats_match_torch(lowering):
+    """One training forward + backward of t8 (BatchNorm on batch statistics, computed in one pass)
+    equals PyTorch's: every parameter gradient and every updated running statistic. The input is
+    offset from zero (mean 1, std 2) so that the one-pass variance must hold up."""
+    import copy
+
+    torch_t8 = copy.deepcopy(torch_model("t8")).train()
+    x = images((4, 3, 64, 64), seed=21) * 2 + 1
+    w = np.random.default_rng(2).standard_normal((4, 1000)).astype(np.float32)
+    variables = convert_state_dict(torch_t8.state_dict()).variables
+    loss = (torch_t8(torch.from_numpy(x)) * torch.from_numpy(w)).sum()
+    loss.backward()
+    state = torch_t8.state_dict()
+    grads_sd = {k: (dict(torch_t8.named_parameters())[k].grad if k in dict(torch_t8.named_parameters()) else v)
+                for k, v in state.items()}
+    torch_grads = convert_state_dict(grads_sd).variables["params"]
+    torch_stats = convert_state_dict(state).variables["batch_stats"]
+
+    model = fastvit_jax.create_model("t8", lowering=lowering)
+
+    def loss_fn(params):
+        logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                      jnp.asarray(x.transpose(0, 2, 3, 1)), train=True, mutable=["batch_stats"])
+        return (logits * w).sum(), updates["batch_stats"]
+
+    grads, stats = jax.jit(jax.grad(loss_fn, has_aux=True))(variables["params"])
+    pairs = [(jax.tree_util.keystr(path), np.asarray(g, np.float64), np.asarray(t, np.float64))
+             for (path, g), t in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(torch_grads))]
+    everything = np.concatenate([t.ravel() for _, _, t in pairs])
+    difference = np.concatenate([(g - t).ravel() for _, g, t in pairs])
+    assert np.linalg.norm(difference) <= 1e-5 * np.linalg.norm(everything)
+    scale = np.abs(everything).max()
+    for name, g, t in pairs:  # leaf by leaf, but not the ones that are rounding noise around zero
+        if np.abs(t).max() >= 1e-4 * scale:  # (e.g. the bias of a BatchNorm followed by another one)
+            assert np.abs(g - t).max() <= 1e-3 * np.abs(t).max(), name
+    for (path, s), t in zip(jax.tree_util.tree_leaves_with_path(stats), jax.tree.leaves(torch_stats)):
+        np.testing.assert_allclose(np.asarray(s), np.asarray(t), rtol=1e-5, atol=1e-5,
+                                   err_msg=jax.tree_util.keystr(path))

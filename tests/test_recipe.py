@@ -67,7 +67,8 @@ EVAL_CROP = {"t8": 0.9, "t12": 0.9, "s12": 0.9, "sa12": 0.9, "sa24": 0.9, "sa36"
 # Fields that are not part of the training recipe: what to run, where, how often things are
 # written, how the work is laid out, the precision and memory policy of the hardware.
 NOT_RECIPE = {
-    "variant", "recipe", "data_dir", "workdir", "crop_pct", "dtype", "num_steps", "warmup_steps", "mesh", "fsdp_min_size",
+    "variant", "recipe", "data_dir", "workdir", "crop_pct", "dtype", "remat", "num_steps", "warmup_steps", "mesh",
+    "fsdp_min_size",
     "seed", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batch_size", "log_every", "init_from",
     "compilation_cache_dir", "distributed_timeout", "barrier_timeout", "eval_only", "export", "plot", "progress",
     "restart_from_scratch",

@@ -52,6 +52,6 @@ TINY_WIDTHS = {"t12": 24}  # another variant is another model (shape-mismatch te
 
 
 def create_tiny_model(variant="t8", *, num_classes=1000, inference_mode=False, drop_path_rate=0.0,
-                      dtype=jnp.float32):
+                      dtype=jnp.float32, remat="none"):
     return TinyNet(num_classes=num_classes, drop_path_rate=drop_path_rate, dtype=dtype,
                    inference_mode=inference_mode, width=TINY_WIDTHS.get(variant, 16))

@@ -681,3 +681,12 @@ def test_init_from_another_variant_or_a_fused_file_names_what_it_holds():
         merge_pretrained(t8, zeros("t12"))
     with pytest.raises(ValueError, match=r"the file holds fused FastViT-t8 weights: a fused export can be evaluated"):
         merge_pretrained(t8, zeros("t8", inference_mode=True))
+
+
+def test_remat_setting():
+    from fastvit_jax.training.setup import resolve_remat
+
+    assert resolve_remat("auto") == "none"  # CPU; elementwise on TPU/GPU
+    assert resolve_remat("block") == "block" and get_config("t8").remat == "auto"
+    with pytest.raises(ValueError, match="unknown remat policy 'some'"):
+        get_config("t8", remat="some").validate()

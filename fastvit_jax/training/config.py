@@ -68,7 +68,7 @@ RUN_LENGTH_FIELDS: Tuple[str, ...] = ("num_epochs", "num_steps", "cooldown_epoch
 BOOKKEEPING_FIELDS: Tuple[str, ...] = (
     "data_dir", "workdir", "mesh", "fsdp_min_size", "checkpoint_every", "keep_checkpoints", "eval_every",
     "eval_batch_size", "log_every", "init_from", "eval_only", "export", "plot", "progress",
-    "compilation_cache_dir", "distributed_timeout", "barrier_timeout", "restart_from_scratch",
+    "compilation_cache_dir", "distributed_timeout", "barrier_timeout", "restart_from_scratch", "remat",
 )
 
 
@@ -104,6 +104,10 @@ class TrainConfig:
     crop_pct: Optional[float] = option(None, "eval centre-crop fraction (default: the variant's, 0.9 or 0.95)")
     dtype: str = option("auto", "compute dtype; auto = bfloat16 on TPU/GPU, float32 on CPU (params stay float32)",
                         choices=("auto", "float32", "bfloat16", "float16"))
+    remat: str = option("auto", "what the backward recomputes instead of keeping, per block: none; elementwise "
+                                "(keep only conv/matmul outputs; recompute BatchNorm, GELU, layer scales); block "
+                                "(recompute whole blocks); auto = elementwise on TPU/GPU, none on CPU",
+                        choices=("auto", "none", "elementwise", "block"))
     # Length.
     num_epochs: Optional[float] = option(300.0, "epochs of the cosine schedule; 'none' to let --num_steps set it")
     num_steps: Optional[int] = option(None, "stop after this many steps; without --num_epochs it also sets "
@@ -205,6 +209,10 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         check_image_size(self.image_size)
+        if self.remat != "auto":
+            from fastvit_jax.remat import check_policy
+
+            check_policy(self.remat)
         if self.data_dir and os.path.exists(self.data_dir) and not os.path.isdir(self.data_dir):
             raise ValueError(f"--data_dir {self.data_dir!r} is a file, not a directory (the folder that holds the "
                              f"prepared tfds datasets)")

@@ -72,7 +72,7 @@ FLAG_GROUPS: Dict[str, Tuple[str, ...]] = {
                      "hflip"),
     "checkpointing and outputs": ("workdir", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every",
                                   "eval_only", "export", "plot", "progress", "restart_from_scratch"),
-    "hardware": ("dtype", "mesh", "fsdp_min_size", "compilation_cache_dir", "distributed_timeout",
+    "hardware": ("dtype", "remat", "mesh", "fsdp_min_size", "compilation_cache_dir", "distributed_timeout",
                  "barrier_timeout"),
 }
 

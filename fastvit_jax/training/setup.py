@@ -24,6 +24,15 @@ def resolve_dtype(name: str) -> Any:
     return DTYPES[name]
 
 
+def resolve_remat(name: str) -> str:
+    """'auto' -> 'elementwise' on TPU/GPU (their step is memory-bound: keeping only conv/matmul
+    outputs cuts the bytes kept for the backward by half, docs/performance.md), 'none' on CPU
+    (compute-bound there: recomputing costs time); else the named policy."""
+    if name in (None, "", "auto"):
+        return "elementwise" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "none"
+    return name
+
+
 def setup_run(config: TrainConfig) -> Tuple[TrainConfig, Any, Mesh]:
     """(config with num_classes filled in, tfds dataset info, mesh).
 

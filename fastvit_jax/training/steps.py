@@ -13,7 +13,7 @@ from fastvit_jax.training.config import TrainConfig
 from fastvit_jax.training.ema import ema_update
 from fastvit_jax.training.losses import eval_sums, soft_cross_entropy, topk_correct
 from fastvit_jax.training.mixup import mixup_cutmix
-from fastvit_jax.training.optimizer import lr_schedule
+from fastvit_jax.training.optimizer import lr_schedule, make_optimizer
 from fastvit_jax.training.plan import Plan
 from fastvit_jax.training.state import TrainState
 
@@ -34,6 +34,11 @@ def schedule_of(args: Dict[str, Any]) -> Callable:
     """The learning-rate schedule the run arguments describe (traced or concrete)."""
     return lr_schedule(args["peak_lr"], total_steps=args["schedule_steps"], warmup_steps=args["warmup_steps"],
                        warmup_lr=args["warmup_lr"], min_lr=args["min_lr"])
+
+
+def config_optimizer(config: TrainConfig) -> Callable[[Callable], optax.GradientTransformation]:
+    """schedule -> the run's AdamW (weight decay, clipping from ``config``)."""
+    return lambda schedule: make_optimizer(schedule, weight_decay=config.weight_decay, clip_grad=config.clip_grad)
 
 
 def make_train_step(model: nn.Module, optimizer_for: Callable[[Callable], optax.GradientTransformation],

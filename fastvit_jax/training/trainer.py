@@ -34,13 +34,12 @@ from fastvit_jax.training.compile_cache import announce_compilation, count_cache
 from fastvit_jax.training.config import CONFIG_FILENAME, TrainConfig, check_workdir_config, write_workdir_config
 from fastvit_jax.training.evaluate import run_eval
 from fastvit_jax.training.metrics import MetricWriter, plot_curves, read_metrics
-from fastvit_jax.training.optimizer import make_optimizer
 from fastvit_jax.training.plan import Plan, make_plan
 from fastvit_jax.training.preemption import StopSignals
 from fastvit_jax.training.pretrained import export_fused, load_weights_file, merge_pretrained
-from fastvit_jax.training.setup import resolve_dtype, setup_run
+from fastvit_jax.training.setup import resolve_dtype, resolve_remat, setup_run
 from fastvit_jax.training.state import TrainState, create_state, init_variables
-from fastvit_jax.training.steps import make_eval_step, make_train_step, run_args, schedule_of
+from fastvit_jax.training.steps import config_optimizer, make_eval_step, make_train_step, run_args, schedule_of
 from fastvit_jax.training.workdir_lock import WorkdirLock
 
 log = logging.getLogger("fastvit_jax.training")
@@ -133,16 +132,26 @@ def _initial_state(config: TrainConfig, model: nn.Module, tx, shardings: Any, ab
     return fresh_state(init_rng), None
 
 
-def _compile_train_step(step_fn: Callable, state: TrainState, shardings: Any, batch_spec: Dict[str, Any],
-                        mesh: Mesh, base_key: jax.Array, args: Dict[str, Any]) -> Tuple[Callable, bool]:
-    """(step(state, batch) with ``base_key`` and the run ``args`` bound, whether it came from the persistent
-    cache). Explicit shardings, state donated."""
+def jit_train_step(step_fn: Callable, shardings: Any, batch_spec: Dict[str, Tuple[tuple, Any]],
+                   mesh: Mesh) -> Tuple[Callable, Dict[str, jax.ShapeDtypeStruct]]:
+    """(the jitted train step with the run's shardings, the abstract global batch). The state is
+    donated; the batch is split over the mesh's batch axes; key and run arguments are replicated.
+    The trainer compiles it for its devices, ``--compile_only`` for a TPU topology."""
     batch_sharding, replicated = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
     jitted = jax.jit(step_fn, in_shardings=(shardings, {k: batch_sharding for k in batch_spec}, replicated,
                                             replicated),
                      out_shardings=(shardings, replicated), donate_argnums=(0,))
     abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                       for k, (shape, dtype) in batch_spec.items()}
+    return jitted, abstract_batch
+
+
+def _compile_train_step(step_fn: Callable, state: TrainState, shardings: Any, batch_spec: Dict[str, Any],
+                        mesh: Mesh, base_key: jax.Array, args: Dict[str, Any]) -> Tuple[Callable, bool]:
+    """(step(state, batch) with ``base_key`` and the run ``args`` bound, whether it came from the persistent
+    cache). Explicit shardings, state donated."""
+    jitted, abstract_batch = jit_train_step(step_fn, shardings, batch_spec, mesh)
+    replicated = mesh_lib.replicated(mesh)
     start = time.perf_counter()
     what = f"the train step (global batch {next(iter(batch_spec.values()))[0][0]}, {mesh.size} device(s))"
     with count_cache_hits() as hits, announce_compilation(what, jax.config.jax_compilation_cache_dir):
@@ -242,7 +251,7 @@ def train_and_evaluate(config: TrainConfig, *, model_fn: Callable[..., nn.Module
                        step_callback: Optional[StepCallback] = None) -> TrainResult:
     """Trains (resuming from ``<workdir>/checkpoints`` if present), evaluates and exports.
 
-    ``model_fn(variant, *, num_classes, drop_path_rate, dtype)`` builds the linen model.
+    ``model_fn(variant, *, num_classes, drop_path_rate, dtype, remat)`` builds the linen model.
     ``step_callback(step, device_metrics)`` runs after every step (tests use it to crash a run).
     With several processes, a peer that stops responding for --distributed_timeout seconds
     ends this process with status ``multihost.EXIT_PEER_LOST`` and a message naming it.
@@ -291,10 +300,8 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
 
     # ---- Model and optimizer.
     model = model_fn(config.variant, num_classes=config.num_classes, drop_path_rate=config.drop_path,
-                     dtype=resolve_dtype(config.dtype))
-    def optimizer_for(schedule: Callable) -> Any:
-        return make_optimizer(schedule, weight_decay=config.weight_decay, clip_grad=config.clip_grad)
-
+                     dtype=resolve_dtype(config.dtype), remat=resolve_remat(config.remat))
+    optimizer_for = config_optimizer(config)
     args = run_args(plan, config)
     tx = optimizer_for(schedule_of(args))  # its state does not depend on the schedule's values
 

@@ -1,0 +1,54 @@
+"""``train_tpu.py --compile_only --topology``: the real steps compiled for a TPU slice on this CPU
+host (libtpu, no TPU), with per-chip memory, FLOPs, bytes and roofline estimates."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastvit_jax.training import aot
+from tmpfs import cli_env  # noqa: E402  (tests/ is on sys.path)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_topologies_chips_and_the_roofline():
+    chip, dims = aot.parse_topology("v5e:8x8")
+    assert (chip.name, chip.hbm_gib, dims) == ("v5e", 16.0, (8, 8, 1))
+    assert aot.parse_topology("v4:2x2x2")[1] == (2, 2, 2)
+    with pytest.raises(aot.CompileOnlyError, match=r"--topology 'v7:2x2' is not CHIP:AxB\[xC\] with CHIP one of "
+                                                   r"v4, v5e, v5p, v6e"):
+        aot.parse_topology("v7:2x2")
+    r = aot.roofline(flops=197e12 * 0.01, nbytes=819e9 * 0.02, chip=aot.CHIPS["v5e"], images=128)
+    assert r["bound"] == "memory" and r["step_s"] == pytest.approx(0.02) and r["mfu"] == pytest.approx(0.5)
+    assert r["img_per_s_per_chip"] == pytest.approx(6400)
+
+
+@pytest.mark.skipif(aot.libtpu_path() is None, reason="libtpu is not installed beside the environment (make setup)")
+@pytest.mark.parametrize("mesh", ["data:-1", "data:-1,fsdp:2"])
+def test_compile_only_for_a_v5e_slice(tmp_path, mesh):
+    out = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train_tpu.py"), "--variant", "t8", "--image_size", "32",
+                        "--global_batch_size", "8", "--mesh", mesh, "--fsdp_min_size", "4096", "--compile_only",
+                        "--topology", "v5e:2x2", "--workdir", str(tmp_path / "wd"), "--compile_only_out", str(out)],
+                       capture_output=True, text=True, env=cli_env(), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ESTIMATES from the compiled programs, not measurements" in r.stdout
+    report = json.loads(out.read_text())
+    assert report["chips"] == 4 and report["images_per_chip"] == 2  # the batch is split over data and fsdp
+    assert report["mesh"] == ({"data": 4} if mesh == "data:-1" else {"data": 2, "fsdp": 2})
+    for step in ("train_step", "eval_step"):
+        s = report[step]
+        assert s["flops"] > 1e7 and s["bytes_accessed"] > 1e7 and s["memory_bytes"]["total"] > 0
+        assert s["fits"] is (s["memory_bytes"]["total"] <= s["hbm_bytes"]) and s["img_per_s_per_chip"] > 0
+    assert report["train_step"]["flops"] > 2 * report["eval_step"]["flops"]  # forward + backward + optimizer
+    assert not (tmp_path / "wd" / "checkpoints").exists()  # nothing of a run is written
+
+
+def test_compile_only_without_topology_or_libtpu_is_one_line(tmp_path):
+    env = dict(cli_env(), TPU_LIBRARY_PATH=str(tmp_path / "none.so"))
+    r = subprocess.run([sys.executable, os.path.join(REPO, "train_tpu.py"), "--compile_only"], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --compile_only needs --topology, e.g. --topology v5e:8x8"

@@ -1,0 +1,80 @@
+"""What runs in bfloat16: the lowered training step of a bfloat16 model has no convolution or
+matmul with a float32 operand or result (forward and backward), so XLA:GPU / TPU run them in
+bfloat16 (float32 accumulation inside the kernels); a float32 model stays float32."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import fastvit_jax
+from fastvit_jax.training.config import get_config
+from fastvit_jax.training.optimizer import make_optimizer
+from fastvit_jax.training.plan import make_plan
+from fastvit_jax.training.state import create_state, init_variables
+from fastvit_jax.training.steps import make_train_step, run_args, schedule_of
+
+
+def lowered_train_step(variant: str, dtype, lowering: str = "native", image_size: int = 64) -> str:
+    """StableHLO text of the real train step (mixup/cutmix on, batch 2) for ``variant``."""
+    cfg = get_config(variant, num_classes=10, image_size=image_size, global_batch_size=2, num_epochs=None,
+                     num_steps=10)
+    model = fastvit_jax.create_model(variant, num_classes=10, dtype=dtype, lowering=lowering)
+
+    def optimizer_for(schedule):
+        return make_optimizer(schedule, weight_decay=cfg.weight_decay)
+
+    args = run_args(make_plan(cfg, 100), cfg)
+    state = jax.eval_shape(lambda: create_state(init_variables(model, image_size), optimizer_for(schedule_of(args))))
+    batch = {"image": jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32),
+             "label": jax.ShapeDtypeStruct((2,), jnp.int32)}
+    step = make_train_step(model, optimizer_for, cfg)
+    return jax.jit(step).lower(state, batch, jax.random.PRNGKey(0), args).as_text()
+
+
+def ops(text: str, name: str) -> list:
+    """The type signatures ('(operand types) -> result type') of every ``stablehlo.<name>``."""
+    return [line.rsplit(" : ", 1)[-1] for line in text.splitlines() if f"stablehlo.{name}" in line]
+
+
+@pytest.mark.parametrize("variant", ["t8", "sa12"])
+def test_bfloat16_training_step_has_no_float32_convolutions_or_matmuls(variant):
+    text = lowered_train_step(variant, jnp.bfloat16)
+    convs, dots = ops(text, "convolution"), ops(text, "dot_general")
+    assert len(convs) > 100 and dots
+    for signature in convs + dots:
+        assert "f32" not in signature and re.search(r"xbf16>", signature), signature
+
+
+def test_float32_model_stays_float32():
+    convs = ops(lowered_train_step("t8", jnp.float32), "convolution")
+    assert convs and all("bf16" not in s and "xf32>" in s for s in convs)
+
+
+def test_remat_policies_give_the_same_gradients_and_keep_less():
+    """elementwise / block recompute in the backward what none keeps: the same loss, gradients and
+    batch statistics; fewer bytes kept per image (none > elementwise > block)."""
+    import numpy as np
+
+    from benchmarks.saved_set import per_image
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))  # sa12: RepMixer and attention blocks
+    results = {}
+    for policy in ("none", "elementwise", "block"):
+        model = fastvit_jax.create_model("sa12", num_classes=10, lowering="native", remat=policy)
+        variables = model.init(jax.random.PRNGKey(0), x[:1])
+
+        def loss(params):
+            logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                          train=True, mutable=["batch_stats"])
+            return (logits ** 2).sum(), updates
+
+        results[policy] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    for policy in ("elementwise", "block"):
+        for a, b in zip(jax.tree.leaves(results[policy]), jax.tree.leaves(results["none"])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    kept = {policy: per_image("t8", policy, image_size=64) for policy in ("none", "elementwise", "block")}
+    assert kept["none"] > 1.5 * kept["elementwise"] and kept["elementwise"] > kept["block"] > 0, kept
+    with pytest.raises(ValueError, match="unknown remat policy 'all'; valid: none, elementwise, block"):
+        fastvit_jax.create_model("t8", remat="all")
