@@ -275,6 +275,9 @@ def load_variables(path: str | os.PathLike) -> Dict[str, Any]:
     """
     path = os.fspath(path)
     if not os.path.exists(path):
+        if os.path.islink(path):  # exists() follows links: a loop or a dangling link
+            raise FileNotFoundError(f"no variables file at {path!r}: it is a symbolic link to {os.readlink(path)!r}, "
+                                    f"which loops back on itself or does not exist")
         raise FileNotFoundError(f"no variables file at {path!r}")
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a directory, not a variables file")

@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from fastvit_jax.transforms import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS  # noqa: E402  (pure numpy)
+
 _CLASS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.tsv")
 
 
@@ -70,6 +72,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a wrapped PyTorch checkpoint")
+    p.add_argument("--max_image_pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help=f"refuse images whose header says more pixels than this (default {MAX_IMAGE_PIXELS}, PIL's "
+                        "decompression-bomb limit); checked before decoding")
+    p.add_argument("--max_aspect_ratio", type=float, default=MAX_ASPECT_RATIO,
+                   help=f"refuse images more elongated than this (default {MAX_ASPECT_RATIO:g}:1)")
     args = p.parse_args(argv)
     if args.top < 1 or args.batch_size < 1:
         p.error("--top and --batch_size must be positive")
@@ -103,21 +110,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     embedding = is_embedding_model(model)
     names = class_names(model)
-    transform = eval_transform(model.pretrained_cfg)
+    transform = eval_transform(model.pretrained_cfg, max_pixels=args.max_image_pixels,
+                               max_aspect_ratio=args.max_aspect_ratio)
     forward = jax.jit(lambda v, x: model.apply(v, x))
 
-    ready, failed = [], 0
-    for path in args.images:
-        try:
-            ready.append((path, transform(path)[0]))
-        except ImageReadError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-    results = []
-    for start in range(0, len(ready), args.batch_size):
-        chunk = ready[start:start + args.batch_size]
+    results, failed = [], 0
+    for start in range(0, len(args.images), args.batch_size):  # decoded batch by batch: memory is one batch
+        chunk = []
+        for path in args.images[start:start + args.batch_size]:
+            try:
+                chunk.append((path, transform(path)[0]))
+            except ImageReadError as e:
+                print(f"error: {e}", file=sys.stderr)
+                failed += 1
+        if not chunk:
+            continue
         batch = np.stack([image for _, image in chunk])
-        pad = args.batch_size - len(chunk) if len(ready) > args.batch_size else 0
+        pad = args.batch_size - len(chunk) if len(args.images) > args.batch_size else 0
         if pad:  # one compiled shape for every batch
             batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
         outputs = np.asarray(forward(variables, batch))[:len(chunk)]

@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
 import stat
 import warnings
+import zipfile
 from typing import Any, Dict, Optional
 
 from fastvit_jax.io import is_variables_file, unflatten_variables
@@ -22,6 +24,7 @@ from fastvit_jax.weights.state_dict import (
     ConversionError,
     ConversionResult,
     cast_floats,
+    check_values,
     convert_state_dict,
     count_params,
     describe_variables,
@@ -45,7 +48,13 @@ def check_readable(path: str) -> None:
     """A regular, readable file; otherwise a ConversionError that says what the path is."""
     if not os.path.lexists(path):
         raise ConversionError(f"checkpoint {path!r} does not exist")
-    mode = os.stat(path).st_mode
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:  # a link that loops, or points at nothing
+        if e.errno == errno.ELOOP:
+            raise ConversionError(f"checkpoint {path!r} is a symbolic link that loops back on itself") from None
+        target = os.readlink(path) if os.path.islink(path) else "?"
+        raise ConversionError(f"checkpoint {path!r} is a symbolic link to {target!r}, which does not exist") from None
     if stat.S_ISDIR(mode):
         raise ConversionError(f"checkpoint {path!r} is a directory, not a weights file")
     if not stat.S_ISREG(mode):
@@ -75,8 +84,34 @@ def _read_safetensors(path: str, prefer_ema: bool) -> WeightsFile:
         raise ConversionError(f"{path!r} is not a readable .safetensors file: {e}") from None
     metadata = _decode_metadata(raw_meta)
     if is_variables_file(tensors, raw_meta):
+        try:
+            check_values(tensors)  # NaN / Inf, named (the PyTorch layouts are checked when converted)
+        except ConversionError as e:
+            raise ConversionError(f"{path!r}: {e}") from None
         return WeightsFile(path, "flax", unflatten_variables(tensors), metadata)
     return WeightsFile(path, "torch", unwrap_state_dict(tensors, prefer_ema, source=path), metadata)
+
+
+# Tensor data in a PyTorch zip is stored uncompressed, and float weights do not compress
+# much: an archive whose entries claim more than this many times its own size is refused
+# before anything is read (a few MB claiming GBs would otherwise be allocated).
+MAX_ZIP_EXPANSION = 2.0
+
+
+def check_zip_sizes(path: str) -> None:
+    """ConversionError when a zip checkpoint claims far more tensor bytes than the file holds."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy (non-zip) format: nothing is claimed up front
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            claimed = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ConversionError(f"{path!r} is a damaged zip archive: {e}") from None
+    if claimed > MAX_ZIP_EXPANSION * size + 2**20:
+        raise ConversionError(
+            f"{path!r} claims {claimed / 2**20:.0f} MiB of tensors in a {size / 2**20:.1f} MiB file (a damaged or "
+            f"hostile archive: PyTorch stores tensors uncompressed); refusing to load it")
 
 
 def _unpickling_error(error: Exception) -> str:
@@ -100,6 +135,7 @@ def _read_pickle(path: str, prefer_ema: bool) -> WeightsFile:
             f"{path!r} is a PyTorch pickle; reading it needs PyTorch (pip install torch==2.13.0). "
             "Without PyTorch, use the .safetensors version of the checkpoint (timm publishes model.safetensors)"
         ) from None
+    check_zip_sizes(path)
     try:
         with warnings.catch_warnings():  # its note on unusual pickle protocols: the error below says enough
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
