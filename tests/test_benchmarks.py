@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.helpers import collectives_in
+from helpers import collectives_in
 
 pytestmark = pytest.mark.xdist_group("benchmarks")
 

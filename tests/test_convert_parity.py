@@ -15,7 +15,7 @@ import torch_ref
 from convert.core import convert_state_dict, variables_to_state_dict
 from fastvit_jax.weights.layouts import timm_to_apple
 from fastvit_jax.variants import VARIANTS, get_variant
-from tests.helpers import (
+from helpers import (
     assert_parity,
     images,
     jax_logits,

@@ -15,7 +15,7 @@ from convert.core import convert_state_dict
 from fastvit_jax import reparam
 from fastvit_jax.conv import conv2d
 from fastvit_jax.variants import OFFICIAL_PARAM_COUNTS, VARIANTS
-from tests.helpers import assert_parity, collectives_in, images, jax_apply, jax_logits, torch_model
+from helpers import assert_parity, collectives_in, images, jax_apply, jax_logits, torch_model
 
 
 def _count(variant, fused):

@@ -35,7 +35,7 @@ from fastvit_jax.variants import (
 )
 from fastvit_jax.weights.layouts import timm_to_apple
 from fastvit_jax.weights.state_dict import count_params
-from tests.helpers import (
+from helpers import (
     assert_parity,
     images,
     jax_logits,
