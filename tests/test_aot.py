@@ -27,6 +27,7 @@ def test_topologies_chips_and_the_roofline():
 
 
 @pytest.mark.skipif(aot.libtpu_path() is None, reason="libtpu is not installed beside the environment (make setup)")
+@pytest.mark.xdist_group("libtpu")  # one compile at a time: each takes a few GB and both cores
 @pytest.mark.parametrize("mesh", ["data:-1", "data:-1,fsdp:2"])
 def test_compile_only_for_a_v5e_slice(tmp_path, mesh):
     out = tmp_path / "report.json"

@@ -31,19 +31,21 @@ LIBTPU_DIRNAME = "libtpu-aot"
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """Published per-chip figures (Google Cloud TPU documentation, system architecture pages)."""
+    """Published per-chip figures (Google Cloud TPU documentation, "System architecture" pages:
+    cloud.google.com/tpu/docs/v4, v5e, v5p, v6e)."""
 
     name: str
     bf16_tflops: float  # peak dense bfloat16
     hbm_gbps: float  # HBM bandwidth, GB/s
     hbm_gib: float  # HBM capacity
+    megacore: bool = False  # two TensorCores that JAX drives as one device (v4, v5p)
 
 
 CHIPS: Dict[str, Chip] = {
-    "v4": Chip("v4", 275.0, 1228.0, 32.0),
+    "v4": Chip("v4", 275.0, 1200.0, 32.0, megacore=True),
     "v5e": Chip("v5e", 197.0, 819.0, 16.0),
-    "v5p": Chip("v5p", 459.0, 2765.0, 95.0),
-    "v6e": Chip("v6e", 918.0, 1640.0, 32.0),
+    "v5p": Chip("v5p", 459.0, 2765.0, 95.0, megacore=True),
+    "v6e": Chip("v6e", 918.0, 1638.0, 32.0),
 }
 
 # Classes of the datasets --compile_only knows without reading them.
@@ -71,9 +73,10 @@ def prepare_deviceless_tpu() -> str:
         raise CompileOnlyError(
             f"--compile_only needs libtpu, which is not installed: run `make setup` (it installs {LIBTPU_PIN} into "
             f".venv/{LIBTPU_DIRNAME}) or `pip install --no-deps --target {sys.prefix}/{LIBTPU_DIRNAME} {LIBTPU_PIN}`")
+    # ALLOW_MULTIPLE_LIBTPU_LOAD: libtpu otherwise holds /tmp/libtpu_lockfile for the life of the
+    # process, and a second compile at the same time (another shell, a parallel test) fails to start.
     os.environ.update(JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", TPU_LIBRARY_PATH=path,
-                      TPU_WORKER_HOSTNAMES="localhost", TPU_ACCELERATOR_TYPE=os.environ.get("TPU_ACCELERATOR_TYPE",
-                                                                                          "v5litepod-4"))
+                      TPU_WORKER_HOSTNAMES="localhost", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     return path
 
 
@@ -89,14 +92,16 @@ def parse_topology(name: str) -> tuple:
 
 
 def topology_devices(name: str) -> list:
-    """The devices of TPU slice ``name`` (no TPU needed)."""
+    """The devices of TPU slice ``name`` (no TPU needed): one per chip, as JAX sees a real slice
+    (v4 / v5p: megacore, the chip's two TensorCores as one device)."""
     from jax.experimental import topologies
 
-    _, dims = parse_topology(name)
+    chip, dims = parse_topology(name)
     per_host = tuple(min(d, b) for d, b in zip(dims, (2, 2, 1)))
     try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name="default",
-                                                 chips_per_host_bounds=per_host, num_slices=1).devices)
+        return list(topologies.get_topology_desc(
+            platform="tpu", topology_name=name.strip(), chip_config_name="megacore" if chip.megacore else "default",
+            chips_per_host_bounds=per_host, num_slices=1).devices)
     except Exception as e:  # noqa: BLE001 - libtpu's errors for an unknown topology vary
         raise CompileOnlyError(f"libtpu does not know the topology {name!r}: {str(e).splitlines()[0][:200]}") from None
 
