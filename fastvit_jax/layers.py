@@ -103,8 +103,11 @@ class BatchNorm(nn.Module):
             axes = tuple(range(x.ndim - 1))
             # One pass over x (E[x^2] - E[x]^2 in float32, as flax's use_fast_variance): the two
             # reductions fuse into one read of the activations, in the forward and the backward.
+            # xf * xf, not jnp.square(xf): the backward of square keeps 2 * xf, a second float32
+            # copy of the activations; a product keeps xf itself, which it keeps anyway (the
+            # same values and gradients, bit for bit).
             mean = jnp.mean(xf, axes)
-            var = jnp.maximum(jnp.mean(jnp.square(xf), axes) - jnp.square(mean), 0.0)
+            var = jnp.maximum(jnp.mean(xf * xf, axes) - jnp.square(mean), 0.0)
             if not self.is_initializing():
                 n = x.size // c
                 unbiased = var * (n / max(n - 1, 1))

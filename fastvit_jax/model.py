@@ -50,16 +50,17 @@ class FastVitStage(nn.Module):
     inference_mode: bool = False
     dtype: Dtype = jnp.float32
     lowering: Optional[str] = None
-    remat: str = "none"  # what the backward recomputes per block (fastvit_jax.remat)
+    remat: str = "none"  # what the backward recomputes per block and downsample (fastvit_jax.remat)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         common = dict(dtype=self.dtype, lowering=self.lowering)
-        repmixer_block, attention_block = (rematerialized(RepMixerBlock, self.remat),
-                                           rematerialized(AttentionBlock, self.remat))
+        repmixer_block, attention_block, patch_embed = (rematerialized(RepMixerBlock, self.remat),
+                                                        rematerialized(AttentionBlock, self.remat),
+                                                        rematerialized(PatchEmbed, self.remat))
         if self.downsample:
-            x = PatchEmbed(7, 2, self.dim, self.dim_out, use_se=self.se_downsample, lkc_use_act=self.lkc_use_act,
-                           inference_mode=self.inference_mode, name="downsample", **common)(x, train)
+            x = patch_embed(7, 2, self.dim, self.dim_out, use_se=self.se_downsample, lkc_use_act=self.lkc_use_act,
+                            inference_mode=self.inference_mode, name="downsample", **common)(x, train)
         if self.pos_emb:
             x = RepConditionalPosEnc(self.dim_out, 7, self.inference_mode, name="pos_emb", **common)(x)
         for i in range(self.depth):
@@ -122,10 +123,14 @@ class FastVit(nn.Module):
         c0 = cfg.embed_dims[0]
         # Lists assigned in setup are named stem_0.., stages_0.. (torch: stem.0, stages.0).
         scale = cfg.stem_use_scale_branch
+        # The stem (the largest activations, at strides 2 and 4), the downsamples and the final
+        # conv are rematerialized like the blocks: under 'elementwise' the backward keeps only
+        # their conv outputs too.
+        mobileone = rematerialized(MobileOneBlock, self.remat)
         self.stem = [
-            MobileOneBlock(3, c0, 3, 2, use_scale_branch=scale, **common),
-            MobileOneBlock(c0, c0, 3, 2, groups=c0, use_scale_branch=scale, **common),
-            MobileOneBlock(c0, c0, 1, 1, **common),
+            mobileone(3, c0, 3, 2, use_scale_branch=scale, **common),
+            mobileone(c0, c0, 3, 2, groups=c0, use_scale_branch=scale, **common),
+            mobileone(c0, c0, 1, 1, **common),
         ]
         dpr = drop_path_rates(cfg.layers, self.drop_path_rate)
         downsamples = cfg.stage_downsamples()
@@ -139,7 +144,7 @@ class FastVit(nn.Module):
                 attention_norm=cfg.attention_norm, remat=self.remat, **common))
             prev = dim
         self.stages = stages
-        self.final_conv = MobileOneBlock(prev, cfg.num_features, 3, 1, groups=prev, use_se=True, **common)
+        self.final_conv = mobileone(prev, cfg.num_features, 3, 1, groups=prev, use_se=True, **common)
         self.head = ClassifierHead(self.num_classes, self.drop_rate, self.dtype)
 
     def forward_stages(self, x: jax.Array, train: bool = False,

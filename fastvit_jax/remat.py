@@ -1,8 +1,10 @@
 """Rematerialisation: what the backward pass recomputes instead of keeping from the forward.
 
 FastViT's training step is memory-bound: BatchNorm's float32 internals, GELU and layer-scale
-intermediates dominate the set kept for the backward pass. The policies, applied per block
-(RepMixer and attention blocks, where almost all activations live):
+intermediates dominate the set kept for the backward pass. The policies, applied per block:
+the RepMixer and attention blocks, the stem's three MobileOne blocks (the largest activations,
+at strides 2 and 4), the stages' downsamples and the final conv; so a policy covers every
+BatchNorm and GELU of the network (the positional encodings and the head are left alone):
 
 - ``none``: JAX autodiff's default: every residual the backward needs is saved.
 - ``elementwise``: only convolution and matmul outputs are saved (``jax.checkpoint`` with

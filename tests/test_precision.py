@@ -1,7 +1,13 @@
 """What runs in bfloat16: the lowered training step of a bfloat16 model has no convolution or
-matmul with a float32 operand or result (forward and backward), so XLA:GPU / TPU run them in
-bfloat16 (float32 accumulation inside the kernels); a float32 model stays float32."""
+matmul with a float32 operand or result (forward, backward and, under remat, the recomputed
+forward), so XLA:GPU / TPU run them in bfloat16 (float32 accumulation inside the kernels); a
+float32 model stays float32.
 
+The StableHLO is read, not the optimised HLO of this host: XLA:CPU itself converts bfloat16
+convolutions to float32 (and expands depthwise weight gradients into dense convolutions), which
+says nothing about the accelerators' programs."""
+
+import functools
 import re
 
 import jax
@@ -16,11 +22,13 @@ from fastvit_jax.training.state import create_state, init_variables
 from fastvit_jax.training.steps import make_train_step, run_args, schedule_of
 
 
-def lowered_train_step(variant: str, dtype, lowering: str = "native", image_size: int = 64) -> str:
+@functools.lru_cache(maxsize=4)
+def lowered_train_step(variant: str, dtype, lowering: str = "native", image_size: int = 64,
+                       remat: str = "none") -> str:
     """StableHLO text of the real train step (mixup/cutmix on, batch 2) for ``variant``."""
     cfg = get_config(variant, num_classes=10, image_size=image_size, global_batch_size=2, num_epochs=None,
                      num_steps=10)
-    model = fastvit_jax.create_model(variant, num_classes=10, dtype=dtype, lowering=lowering)
+    model = fastvit_jax.create_model(variant, num_classes=10, dtype=dtype, lowering=lowering, remat=remat)
 
     def optimizer_for(schedule):
         return make_optimizer(schedule, weight_decay=cfg.weight_decay)
@@ -38,13 +46,19 @@ def ops(text: str, name: str) -> list:
     return [line.rsplit(" : ", 1)[-1] for line in text.splitlines() if f"stablehlo.{name}" in line]
 
 
-@pytest.mark.parametrize("variant", ["t8", "sa12"])
-def test_bfloat16_training_step_has_no_float32_convolutions_or_matmuls(variant):
-    text = lowered_train_step(variant, jnp.bfloat16)
+@pytest.mark.parametrize("variant, remat", [("t8", "none"), ("sa12", "none"), ("sa12", "elementwise"),
+                                            ("t8", "block")])
+def test_bfloat16_training_step_has_no_float32_convolutions_or_matmuls(variant, remat):
+    text = lowered_train_step(variant, jnp.bfloat16, remat=remat)
     convs, dots = ops(text, "convolution"), ops(text, "dot_general")
     assert len(convs) > 100 and dots
     for signature in convs + dots:
         assert "f32" not in signature and re.search(r"xbf16>", signature), signature
+    if remat != "none":  # the backward's recomputed forward is there too, in bfloat16
+        assert "stablehlo.optimization_barrier" in text
+        convs_none = ops(lowered_train_step(variant, jnp.bfloat16), "convolution")
+        # elementwise keeps every conv output (recomputes no conv); block recomputes them
+        assert len(convs) == len(convs_none) if remat == "elementwise" else len(convs) > len(convs_none)
 
 
 def test_float32_model_stays_float32():
