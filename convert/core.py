@@ -56,6 +56,13 @@ def _to_tensor(value: Any) -> Any:
     return torch.from_numpy(arr)
 
 
+def _contiguous(value: Any) -> np.ndarray:
+    """A C-contiguous numpy array of ``value``'s shape (``np.ascontiguousarray`` turns a 0-d
+    ``num_batches_tracked`` into shape (1,), which no FastViT reader accepts)."""
+    arr = np.asarray(value)
+    return np.ascontiguousarray(arr) if arr.ndim else arr
+
+
 def save_state_dict(path: str, state_dict: Mapping[str, Any], *, overwrite: bool = False,
                     metadata: Optional[Mapping[str, str]] = None, inputs: Sequence[str] = ()) -> str:
     """``.safetensors`` (no torch needed) or ``.pth`` / ``.pth.tar`` (torch.save of a plain dict), atomically.
@@ -65,7 +72,7 @@ def save_state_dict(path: str, state_dict: Mapping[str, Any], *, overwrite: bool
     if path.endswith(".safetensors"):
         from fastvit_jax.io import write_safetensors
 
-        arrays = {k: np.ascontiguousarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in state_dict.items()}
+        arrays = {k: _contiguous(v.numpy() if hasattr(v, "numpy") else v) for k, v in state_dict.items()}
         return write_atomically(path, lambda tmp: write_safetensors(arrays, tmp, metadata=metadata),
                                 overwrite=overwrite, inputs=inputs, size_hint=sum(a.nbytes for a in arrays.values()))
     if path.endswith((".pth", ".pth.tar", ".pt", ".bin")):

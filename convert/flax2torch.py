@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
 
 from convert.core import ConversionError, WriteError, save_state_dict  # noqa: E402
 from fastvit_jax.weights.layouts import LAYOUTS  # noqa: E402
-from fastvit_jax.weights.state_dict import FLOAT_DTYPES, cast_floats, variables_to_arrays  # noqa: E402
+from fastvit_jax.weights.state_dict import FLOAT_DTYPES, cast_floats, check_values, variables_to_arrays  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from fastvit_jax.io import load_variables, same_file
+    from fastvit_jax.io import flatten_variables, load_variables, same_file
 
     try:
         if same_file(args.output, args.variables):
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
             variables = load_variables(args.variables)
         except (FileNotFoundError, ValueError) as e:
             raise ConversionError(str(e)) from None
+        check_values(flatten_variables(variables), args.variables)  # NaN / Inf, named as every reader names them
         variables, source_dtypes = cast_floats(variables, "float32")
         if source_dtypes != [args.dtype]:
             print(f"note: the variables are {'/'.join(source_dtypes)}; written as {args.dtype}", flush=True)

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         print(f"[1/4] reading {args.checkpoint}", flush=True)
         sd = load_torch_checkpoint(args.checkpoint, prefer_ema=args.ema)
         print(f"[2/4] {len(sd)} tensors; detecting layout, form and variant", flush=True)
-        result = convert_state_dict(sd, variant=args.variant, fused=args.fused)
+        result = convert_state_dict(sd, variant=args.variant, fused=args.fused, source=args.checkpoint)
         print(f"[3/4] {result.layout} layout, {result.source_form} form, FastViT-{result.variant}, "
               f"{result.num_classes} classes" + ("; fused on the JAX side" if result.form != result.source_form else ""),
               flush=True)

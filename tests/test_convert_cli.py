@@ -391,3 +391,17 @@ def test_outputs_follow_the_umask(tmp_path, capsys, t8_sd):
         os.umask(old)
     assert os.stat(tmp_path / "out.safetensors").st_mode & 0o777 == 0o640
     assert os.stat(tmp_path / "back.pth").st_mode & 0o777 == 0o640
+
+
+def test_train_form_round_trip_through_a_torch_safetensors(tmp_path, capsys, t8_sd):
+    """flax2torch's .safetensors keeps num_batches_tracked 0-d, so the project reads its own output."""
+    from fastvit_jax.loading import load_model
+
+    assert _run(torch2flax.main, [_ckpt(tmp_path, t8_sd), tmp_path / "flax.safetensors"], capsys)[0] == 0
+    rc, _, err = _run(flax2torch.main, [tmp_path / "flax.safetensors", tmp_path / "back.safetensors"], capsys)
+    assert rc == 0, err
+    from safetensors.numpy import load_file
+
+    assert load_file(tmp_path / "back.safetensors")["stem.0.conv_kxk.0.bn.num_batches_tracked"].shape == ()
+    model, _ = load_model(tmp_path / "back.safetensors")
+    assert model.cfg.name == "t8"

@@ -69,14 +69,38 @@ def test_a_zip_claiming_far_more_than_it_holds_is_refused(tmp_path):
         fastvit_jax.load_model(path)
 
 
-def test_nan_weights_in_the_projects_own_file_are_refused(tmp_path, t8_file):
+@pytest.mark.parametrize("fmt", ["flax.safetensors", "torch.safetensors", "torch.pth"])
+def test_nan_weights_are_refused_in_every_format_and_entry_point(tmp_path, t8_file, capsys, fmt):
+    """One check (fastvit_jax.weights.state_dict.check_values) for every format: the file and the tensor named."""
+    from convert.core import save_state_dict
+    from fastvit_jax.training.pretrained import load_weights_file
+    from fastvit_jax.weights.state_dict import variables_to_arrays
+
     _, model, variables = t8_file
-    params = jax.tree.map(np.array, variables["params"])
-    params["head"]["fc"]["kernel"][0, 0] = np.nan
-    path = tmp_path / "nan.safetensors"
-    fastvit_jax.save_variables(path, {**variables, "params": params}, model=model)
-    with pytest.raises(ConversionError, match=r"nan\.safetensors'?: params/head/fc/kernel contains 1 NaN/Inf value"):
-        fastvit_jax.load_model(path)
+    path = tmp_path / f"nan.{fmt.split('.', 1)[1]}"
+    if fmt.startswith("flax"):
+        params = jax.tree.map(np.array, variables["params"])
+        params["head"]["fc"]["kernel"][0, 0] = np.nan
+        fastvit_jax.save_variables(path, {**variables, "params": params}, model=model)
+        tensor = "params/head/fc/kernel"
+    else:
+        arrays = dict(variables_to_arrays(variables)[0])
+        arrays["head.fc.weight"] = np.where(np.arange(arrays["head.fc.weight"].size).reshape(
+            arrays["head.fc.weight"].shape) == 1, np.inf, arrays["head.fc.weight"]).astype(np.float32)
+        save_state_dict(str(path), arrays)
+        tensor = "head.fc.weight"
+    message = f"'{path}': {tensor} contains 1 NaN/Inf value(s)"
+    for load in (fastvit_jax.load_model, load_weights_file):  # the library and the trainer's --init_from
+        with pytest.raises(ConversionError) as info:
+            load(path)
+        assert message in str(info.value)
+    converter = flax2torch.main if fmt.startswith("flax") else torch2flax.main
+    for main, argv in ((predict.main, [path, tmp_path / "x.png"]), (export.main, [path, tmp_path / "c.onnx"]),
+                       (converter, [path, tmp_path / ("out.pth" if fmt.startswith("flax") else "out.safetensors")])):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert [line for line in err.splitlines() if line.startswith("error: ")] == [f"error: {message}; refusing "
+                                                                                    f"to convert non-finite weights"]
 
 
 @pytest.mark.parametrize("link", ["loop", "dangling"])

@@ -38,7 +38,7 @@ def load_weights_file(path: str) -> Dict[str, Any]:
     """
     weights = read_weights_file(path)
     if weights.kind == "torch":
-        variables = convert_state_dict(weights.tensors).variables
+        variables = convert_state_dict(weights.tensors, source=os.fspath(path)).variables
     else:
         variables, _ = cast_floats(weights.tensors)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}

@@ -84,10 +84,7 @@ def _read_safetensors(path: str, prefer_ema: bool) -> WeightsFile:
         raise ConversionError(f"{path!r} is not a readable .safetensors file: {e}") from None
     metadata = _decode_metadata(raw_meta)
     if is_variables_file(tensors, raw_meta):
-        try:
-            check_values(tensors)  # NaN / Inf, named (the PyTorch layouts are checked when converted)
-        except ConversionError as e:
-            raise ConversionError(f"{path!r}: {e}") from None
+        check_values(tensors, path)  # NaN / Inf, named (the PyTorch layouts are checked when converted)
         return WeightsFile(path, "flax", unflatten_variables(tensors), metadata)
     return WeightsFile(path, "torch", unwrap_state_dict(tensors, prefer_ema, source=path), metadata)
 
@@ -166,9 +163,10 @@ def load_weights(path: str | os.PathLike, *, variant: Optional[str] = None, fuse
     ``fused=True`` returns the inference form (fused on the JAX side when the file is unfused).
     ``variant`` is checked against the shapes. The file's metadata is in ``result.metadata``.
     """
+    path = os.fspath(path)
     weights = read_weights_file(path, prefer_ema=prefer_ema)
     if weights.kind == "torch":
-        result = convert_state_dict(weights.tensors, variant=variant, fused=fused)
+        result = convert_state_dict(weights.tensors, variant=variant, fused=fused, source=path)
     else:
         variables = {k: weights.tensors[k] for k in ("params", "batch_stats") if k in weights.tensors}
         found, form, num_classes = describe_variables(variables, variant)

@@ -180,17 +180,24 @@ def detect_variant(shapes: Mapping[str, Tuple[int, ...]], fused: bool, variant: 
         f"{results[best].describe()}")
 
 
-def check_values(state_dict: Mapping[str, np.ndarray]) -> None:
-    """Every weight is a floating-point array without NaN/Inf (``num_batches_tracked`` excepted)."""
+def check_values(state_dict: Mapping[str, np.ndarray], source: Optional[str] = None) -> None:
+    """Every weight is a floating-point array without NaN/Inf (``num_batches_tracked`` excepted).
+
+    The one check of weight values, for every format and entry point: the project's own files are
+    checked as they are read (``fastvit_jax.weights.files``), PyTorch layouts as they are converted
+    (only the model's tensors: a MobileCLIP text tower is left out first). ``source`` (the file)
+    leads the message.
+    """
+    where = f"{source!r}: " if source else ""
     for key, arr in state_dict.items():
         if key.endswith("num_batches_tracked"):
             continue
         if not is_float(arr):
             article = "an" if str(arr.dtype)[0] in "aeiou" else "a"
-            raise ConversionError(f"{key} holds {article} {arr.dtype} tensor; a float weight is expected there")
+            raise ConversionError(f"{where}{key} holds {article} {arr.dtype} tensor; a float weight is expected there")
         finite = np.isfinite(np.asarray(arr, np.float32))
         if not finite.all():
-            raise ConversionError(f"{key} contains {int((~finite).sum())} NaN/Inf value(s); "
+            raise ConversionError(f"{where}{key} contains {int((~finite).sum())} NaN/Inf value(s); "
                                   "refusing to convert non-finite weights")
 
 
@@ -235,7 +242,7 @@ def count_params(params: Mapping[str, Any]) -> int:
 
 # --------------------------------------------------------------------------- torch -> flax
 def convert_state_dict(state_dict: Mapping[str, Any], *, variant: Optional[str] = None,
-                       fused: bool = False) -> ConversionResult:
+                       fused: bool = False, source: Optional[str] = None) -> ConversionResult:
     """A PyTorch FastViT state_dict -> Flax variables.
 
     Layouts: timm / torch_ref, Apple's ml-fastvit, and full MobileCLIP checkpoints (open_clip's
@@ -245,6 +252,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, variant: Optional[str] 
     float dtype (listed in ``result.source_dtypes``). ``fused=True`` returns the inference form
     (fusing on the JAX side with ``fastvit_jax.reparameterize`` when the source is unfused);
     a fused source always gives the fused form. ``variant`` is checked against the shapes.
+    ``source`` (the file the state_dict came from) names it in a NaN/Inf refusal.
     """
     clip = clip_layout(state_dict.keys())
     sd = dict(state_dict)
@@ -263,7 +271,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, variant: Optional[str] 
     source_fused = is_fused(sd)
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     found_variant = detect_variant(shapes, source_fused, variant)
-    check_values(sd)
+    check_values(sd, source)
     sd, source_dtypes = cast_floats(sd)  # fusion and the written file are float32
     variables = torch_to_flax(sd)
     form = "fused" if source_fused else "train"
