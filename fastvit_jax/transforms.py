@@ -55,13 +55,15 @@ def _header_size(data: bytes) -> tuple:
     """(width, height) from an encoded image's header, without decoding its pixels."""
     import io
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # only the header is read: our own check follows
     try:
         with Image.open(io.BytesIO(data)) as header:
             return header.size
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for non-images
+    except UnidentifiedImageError:
+        raise ImageReadError("cannot decode the image: not a JPEG, PNG, GIF, BMP or WebP file") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged headers
         raise ImageReadError(f"cannot read the image header: {e}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit

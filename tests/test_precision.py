@@ -87,7 +87,9 @@ def test_remat_policies_give_the_same_gradients_and_keep_less():
         results[policy] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
     for policy in ("elementwise", "block"):
         for a, b in zip(jax.tree.leaves(results[policy]), jax.tree.leaves(results["none"])):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+            # float32 recomputation reassociates sums: differences scale with the leaf's magnitude
+            atol = max(1e-6, 1e-5 * float(np.abs(b).max()))
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=atol)
     kept = {policy: per_image("t8", policy, image_size=64) for policy in ("none", "elementwise", "block")}
     assert kept["none"] > 1.5 * kept["elementwise"] and kept["elementwise"] > kept["block"] > 0, kept
     with pytest.raises(ValueError, match="unknown remat policy 'all'; valid: none, elementwise, block"):
