@@ -43,3 +43,49 @@ def _release_memory_after_each_module():
     if "jax" in sys.modules:
         sys.modules["jax"].clear_caches()
     gc.collect()
+
+
+DURATIONS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build",
+                              "test-durations.txt")
+
+
+def pytest_sessionstart(session):
+    import time
+
+    session.config._suite_started = time.time()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Writes build/test-durations.txt (the README cites it): the suite's wall time, its outcome and
+    its 15 slowest tests (setup + call + teardown, summed per test). On the xdist controller only."""
+    import time
+
+    if os.environ.get("PYTEST_XDIST_WORKER") or not hasattr(config, "_suite_started"):
+        return
+    per_test: dict = {}
+    counts: dict = {}
+    per_worker: dict = {}
+    for outcome, reports in terminalreporter.stats.items():
+        for report in reports:
+            if getattr(report, "when", None) is None or not hasattr(report, "duration"):
+                continue
+            per_test[report.nodeid] = per_test.get(report.nodeid, 0.0) + report.duration
+            worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", "main")
+            per_worker[worker] = per_worker.get(worker, 0.0) + report.duration
+            if report.when == "call" or (report.when == "setup" and outcome in ("skipped", "error")):
+                counts[outcome] = counts.get(outcome, 0) + 1
+    wall = time.time() - config._suite_started
+    workers = getattr(config.option, "numprocesses", None) or 1
+    lines = [f"pytest {' '.join(config.invocation_params.args)}",
+             f"wall {wall:.0f} s on {os.cpu_count()} CPUs, {workers} worker(s); exit status {int(exitstatus)}; "
+             + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
+             f"test time summed over workers: {sum(per_test.values()):.0f} s ("
+             + ", ".join(f"{w} {t:.0f} s" for w, t in sorted(per_worker.items())) + ")",
+             "", "15 slowest tests (setup + call + teardown):"]
+    ranked = sorted(per_test.items(), key=lambda kv: -kv[1])
+    lines += [f"{seconds:8.1f} s  {nodeid}" for nodeid, seconds in ranked[:15]]
+    lines += ["", "every test:"] + [f"{seconds:8.1f} s  {nodeid}" for nodeid, seconds in ranked]
+    os.makedirs(os.path.dirname(DURATIONS_FILE), exist_ok=True)
+    with open(DURATIONS_FILE, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    terminalreporter.write_line(f"durations: {os.path.relpath(DURATIONS_FILE)}")
