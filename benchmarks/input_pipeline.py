@@ -2,7 +2,7 @@
 
 Runs ``fastvit_jax.data.pipeline.make_train_dataset`` (decode + random-resized-crop + flip +
 RandAugment rand-m9-mstd0.5-inc1 + normalize + random erasing 0.25, i.e. the paper recipe's
-``TrainAugment()``) on the offline demo dataset at 256 px, with tf.data limited to ONE thread
+``train_augment(get_config(...))``) on the offline demo dataset at 256 px, with tf.data limited to ONE thread
 (``threading.private_threadpool_size = 1``, ``max_intra_op_parallelism = 1``) for the per-core
 rate, and with all cores for the scaling. Mixup/CutMix run on the accelerator in the trainer
 and are not part of this cost.
@@ -90,7 +90,10 @@ def run_input_pipeline(image_size: int = 256, batch: int = 32, chunks: int = 5, 
     import tensorflow as tf
 
     from fastvit_jax.data import demo, pipeline
+    from fastvit_jax.training.config import get_config
+    from fastvit_jax.training.trainer import train_augment
 
+    aug = train_augment(get_config("t8"))  # the recipe's
     data_dir = data_dir or default_data_dir()
     t0 = time.perf_counter()
     demo.prepare_demo(data_dir)
@@ -98,7 +101,7 @@ def run_input_pipeline(image_size: int = 256, batch: int = 32, chunks: int = 5, 
     rows = []
     for threads in thread_counts:
         ds = pipeline.make_train_dataset("fastvit_demo", data_dir, global_batch_size=batch,
-                                         image_size=image_size, seed=0)
+                                         image_size=image_size, seed=0, augment=aug)
         ds = ds.with_options(_options(threads))
         r = _time_dataset(ds, batch, chunks, batches_per_chunk)
         ncores = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
@@ -106,7 +109,6 @@ def run_input_pipeline(image_size: int = 256, batch: int = 32, chunks: int = 5, 
         common.log(f"[input_pipeline] demo, {ncores} thread(s): {r['img_s']:.1f} img/s")
     if synthetic:
         enc = tf.constant(synthetic_jpeg())
-        aug = pipeline.TrainAugment()
         for threads in thread_counts:
             ds = tf.data.Dataset.range(1 << 40).map(
                 lambda i: {"image": pipeline.train_preprocess(
@@ -130,7 +132,7 @@ def run_input_pipeline(image_size: int = 256, batch: int = 32, chunks: int = 5, 
         needs.append({"target": REFERENCE_ACCEL["name"], "variant": v, "img_s": rate,
                       "cores": rate / per_core if per_core else None})
     return {"rows": rows, "cores_needed": needs, "per_core_img_s_used": per_core,
-            "settings": {"image_size": image_size, "batch": batch, "augment": "TrainAugment() (rand-m9-mstd0.5-inc1, "
+            "settings": {"image_size": image_size, "batch": batch, "augment": "the recipe's (rand-m9-mstd0.5-inc1, "
                          "erase 0.25, hflip 0.5, rrc scale 0.08-1)", "data_dir": data_dir,
                          "demo_prepare_s": prep_s, "tensorflow": tf.__version__},
             "notes": ["cores needed = required img/s / per-core img/s (1-thread tf.data, synthetic ImageNet-size "

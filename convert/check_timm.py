@@ -35,9 +35,6 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: import the package, not the sibling modules
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 TOLERANCE = 1e-4  # max |Δlogit| / max |logit| (float32, same weights)
 
 

@@ -15,14 +15,9 @@ import argparse
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: import the package, not the sibling modules
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-    sys.path.insert(0, _root)
-
-from convert.core import ConversionError, WriteError, save_state_dict  # noqa: E402
-from fastvit_jax.weights.layouts import LAYOUTS  # noqa: E402
-from fastvit_jax.weights.state_dict import FLOAT_DTYPES, cast_floats, check_values, variables_to_arrays  # noqa: E402
+from convert.core import ConversionError, WriteError, save_state_dict
+from fastvit_jax.weights.layouts import LAYOUTS
+from fastvit_jax.weights.state_dict import FLOAT_DTYPES, cast_floats, check_values, variables_to_arrays
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -15,13 +15,8 @@ import argparse
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: import the package, not the sibling modules
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-    sys.path.insert(0, _root)
-
-from convert.core import ConversionError, WriteError, convert_state_dict, load_torch_checkpoint  # noqa: E402
-from fastvit_jax.weights.state_dict import FLOAT_DTYPES, cast_floats  # noqa: E402
+from convert.core import ConversionError, WriteError, convert_state_dict, load_torch_checkpoint
+from fastvit_jax.weights.state_dict import FLOAT_DTYPES, cast_floats
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -161,6 +161,16 @@ def write_safetensors(arrays: Mapping[str, np.ndarray], path: str, metadata: Opt
         f.write(data)
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> str:
+    """``write_atomically`` for a small text file (a config, a JSON record, a metrics log)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    return write_atomically(path, write)
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[str], Any], *, overwrite: bool = True,
                      inputs: Sequence[str | os.PathLike] = (), size_hint: Optional[int] = None) -> str:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.

@@ -5,6 +5,7 @@ host->device prefetch."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 
@@ -18,14 +19,18 @@ import tensorflow_datasets as tfds  # noqa: E402
 from fastvit_jax.data import randaugment as ra
 from fastvit_jax.data.demo import (CLASS_NAMES, DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, demo_builder,
                                    generate_split, make_fake_imagenet, prepare_demo)
-from fastvit_jax.data.pipeline import (IMAGENET_MEAN, IMAGENET_STD, DatasetNotFoundError, TrainAugment,
+from fastvit_jax.data.pipeline import (IMAGENET_MEAN, IMAGENET_STD, DatasetNotFoundError,
                                        _process_split, _read_split, dataset_info, device_prefetch,
                                        eval_image_size, get_builder, make_eval_dataset, make_train_dataset,
                                        train_preprocess)
+from fastvit_jax.training.config import get_config
+from fastvit_jax.training.trainer import train_augment
 
 tfds.disable_progress_bar()
 
 IMG = 32  # small train/eval resolution keeps the file fast on 2 cores
+RECIPE = train_augment(get_config("t8"))  # RandAugment, erasing 0.25, flip, crop area 0.08-1
+MINIMAL = dataclasses.replace(RECIPE, randaugment=None, random_erase_prob=0.0, color_jitter=0.0)  # crop + flip
 
 
 # ----------------------------------------------------------------------------------------
@@ -126,7 +131,7 @@ def test_demo_generation_is_deterministic():
 # ----------------------------------------------------------------------------------------
 def test_train_batch_shapes_dtypes_and_normalization(demo_dir):
     ds = make_train_dataset("demo", demo_dir, global_batch_size=16, image_size=IMG, seed=0,
-                            process_count=2, process_index=0, augment=TrainAugment.minimal())
+                            process_count=2, process_index=0, augment=MINIMAL)
     (batch,) = _take(ds, 1)
     assert batch["image"].shape == (8, IMG, IMG, 3) and batch["image"].dtype == np.float32
     assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
@@ -138,7 +143,7 @@ def test_train_batch_shapes_dtypes_and_normalization(demo_dir):
 
 
 def test_train_determinism_and_resume(demo_dir):
-    kw = dict(global_batch_size=8, image_size=IMG, seed=3, augment=TrainAugment.minimal())
+    kw = dict(global_batch_size=8, image_size=IMG, seed=3, augment=MINIMAL)
     run = _take(make_train_dataset("demo", demo_dir, **kw), 5)
     _assert_batches_equal(run, _take(make_train_dataset("demo", demo_dir, **kw), 5))
     resumed = _take(make_train_dataset("demo", demo_dir, start_step=3, **kw), 2)
@@ -151,7 +156,7 @@ def test_train_resume_across_epochs_with_full_augment(fake_imagenet):
     """12 train images, batch 4 -> 3 steps per epoch: resuming at step 4 starts inside
     epoch 1 (reshuffled). Full RandAugment + random erasing: still exactly equal."""
     data_dir, _ = fake_imagenet
-    kw = dict(global_batch_size=4, image_size=IMG, seed=11, augment=TrainAugment())
+    kw = dict(global_batch_size=4, image_size=IMG, seed=11, augment=RECIPE)
     run = _take(make_train_dataset("imagenet2012", data_dir, **kw), 6)
     resumed = _take(make_train_dataset("imagenet2012", data_dir, start_step=4, **kw), 2)
     _assert_batches_equal(run[4:6], resumed)
@@ -168,7 +173,7 @@ def test_process_slices_are_disjoint(demo_dir):
     keys = [{bytes(r["image"]) for r in p} for p in parts]
     assert not keys[0] & keys[1]
     assert len(keys[0]) + len(keys[1]) == DEFAULT_NUM_TRAIN
-    kw = dict(global_batch_size=8, image_size=IMG, seed=0, process_count=2, augment=TrainAugment.minimal())
+    kw = dict(global_batch_size=8, image_size=IMG, seed=0, process_count=2, augment=MINIMAL)
     b0 = _take(make_train_dataset("demo", demo_dir, process_index=0, **kw), 1)[0]
     b1 = _take(make_train_dataset("demo", demo_dir, process_index=1, **kw), 1)[0]
     assert b0["image"].shape == b1["image"].shape == (4, IMG, IMG, 3)
@@ -269,7 +274,7 @@ def test_each_randaugment_op_is_valid_and_changes_pixels(name):
 def test_randaugment_and_erasing_change_pixels(demo_dir):
     builder = get_builder("demo", demo_dir)
     raw = _take(_read_split(builder, "train"), 6)
-    full, minimal = TrainAugment(random_erase_prob=1.0), TrainAugment.minimal()
+    full, minimal = dataclasses.replace(RECIPE, random_erase_prob=1.0), MINIMAL
     changed = 0
     for i, ex in enumerate(raw):
         key = tf.constant([0, i], tf.int64)
@@ -289,11 +294,11 @@ def test_color_jitter_only_without_randaugment(demo_dir):
     def run(aug):
         return train_preprocess(ex["image"], key, image_size=IMG, augment=aug).numpy()
 
-    base = TrainAugment.minimal()
-    jitter = TrainAugment(randaugment=None, random_erase_prob=0.0, color_jitter=0.4)
+    base = MINIMAL
+    jitter = dataclasses.replace(RECIPE, randaugment=None, random_erase_prob=0.0, color_jitter=0.4)
     assert not np.array_equal(run(base), run(jitter))
-    ra_cj = TrainAugment(random_erase_prob=0.0, color_jitter=0.4)
-    ra_no_cj = TrainAugment(random_erase_prob=0.0, color_jitter=0.0)
+    ra_cj = dataclasses.replace(RECIPE, random_erase_prob=0.0, color_jitter=0.4)
+    ra_no_cj = dataclasses.replace(RECIPE, random_erase_prob=0.0, color_jitter=0.0)
     np.testing.assert_array_equal(run(ra_cj), run(ra_no_cj))
 
 
@@ -335,7 +340,8 @@ def test_missing_dataset_error_message(tmp_path):
     assert "ILSVRC2012_img_train.tar" in msg and "ILSVRC2012_img_val.tar" in msg
     assert not os.path.exists(tmp_path / "downloads" / "manual" / "ILSVRC2012_img_train.tar")
     with pytest.raises(DatasetNotFoundError):
-        make_train_dataset("no_such_dataset_xyz", str(tmp_path), global_batch_size=2, image_size=IMG, seed=0)
+        make_train_dataset("no_such_dataset_xyz", str(tmp_path), global_batch_size=2, image_size=IMG, seed=0,
+                           augment=MINIMAL)
 
 
 # ----------------------------------------------------------------------------------------
@@ -368,7 +374,7 @@ def test_pipelines_normalise_with_the_given_mean_and_std(demo_dir):
     assert 0.0 <= raw.min() and raw.max() <= 1.0 and raw.max() > 0.5
     np.testing.assert_allclose(imagenet, (raw - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD), atol=1e-5)
     train = next(make_train_dataset("demo", demo_dir, global_batch_size=8, image_size=IMG, seed=0,
-                                    augment=TrainAugment.minimal(), mean=(0, 0, 0), std=(1, 1, 1)).as_numpy_iterator())
+                                    augment=MINIMAL, mean=(0, 0, 0), std=(1, 1, 1)).as_numpy_iterator())
     assert 0.0 <= train["image"].min() and train["image"].max() <= 1.0
 
 
@@ -405,10 +411,10 @@ def test_image_folder_dataset(tmp_path):
     assert [label for part in parts for _, label in part] == [0] * 5 + [1] * 5 + [2] * 5
 
     full = make_train_dataset(str(root), None, global_batch_size=4, image_size=32, seed=3,
-                              augment=TrainAugment.minimal())
+                              augment=MINIMAL)
     batches = list(full.take(6).as_numpy_iterator())
     resumed = list(make_train_dataset(str(root), None, global_batch_size=4, image_size=32, seed=3, start_step=4,
-                                      augment=TrainAugment.minimal()).take(2).as_numpy_iterator())
+                                      augment=MINIMAL).take(2).as_numpy_iterator())
     for a, b in zip(batches[4:], resumed):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])

@@ -31,7 +31,8 @@ def lowered_train_step(variant: str, dtype, lowering: str = "native", image_size
     model = fastvit_jax.create_model(variant, num_classes=10, dtype=dtype, lowering=lowering, remat=remat)
 
     def optimizer_for(schedule):
-        return make_optimizer(schedule, weight_decay=cfg.weight_decay)
+        return make_optimizer(schedule, weight_decay=cfg.weight_decay, b1=cfg.adam_b1, b2=cfg.adam_b2,
+                              eps=cfg.adam_eps)
 
     args = run_args(make_plan(cfg, 100), cfg)
     state = jax.eval_shape(lambda: create_state(init_variables(model, image_size), optimizer_for(schedule_of(args))))

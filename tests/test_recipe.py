@@ -28,6 +28,9 @@ APPLE_SHARED = {
     "lr_base": 1e-3,
     "lr_base_size": 1024,  # ... (linear scaling for other batches)
     "weight_decay": 0.05,  # --weight-decay 0.05, AdamW
+    "adam_b1": 0.9,  # torch.optim.AdamW's defaults (train.py passes no --opt-betas / --opt-eps)
+    "adam_b2": 0.999,
+    "adam_eps": 1e-8,
     "warmup_epochs": None,  # None = the recipe's 5 (--warmup-epochs 5), checked below
     "warmup_lr": 1e-6,  # --warmup-lr 1e-6
     "min_lr": 1e-5,  # --min-lr 1e-5
@@ -94,12 +97,17 @@ def test_get_config_is_apples_recipe(variant):
     assert c.num_steps is None  # the schedule is 300 epochs, then 10 at min_lr
 
 
-def test_adamw_constants_are_torchs():
-    """AdamW's betas and epsilon (not flags: Apple's run used torch.optim.AdamW's defaults)."""
-    from fastvit_jax.training.optimizer import make_optimizer
+def test_library_functions_take_recipe_values_from_the_caller():
+    """The recipe has one home (TrainConfig): the functions that apply it have no recipe-valued defaults."""
+    from fastvit_jax.training import mesh, mixup, multihost, optimizer
 
-    defaults = {k: p.default for k, p in inspect.signature(make_optimizer).parameters.items()}
-    assert (defaults["b1"], defaults["b2"], defaults["eps"]) == (0.9, 0.999, 1e-8)
+    for fn, names in [(optimizer.make_optimizer, ("weight_decay", "b1", "b2", "eps")),
+                      (optimizer.lr_schedule, ("warmup_steps", "warmup_lr", "min_lr")),
+                      (mixup.mixup_cutmix, ("mixup_alpha", "cutmix_alpha", "switch_prob", "label_smoothing")),
+                      (mesh.state_shardings, ("fsdp_min_size",)),
+                      (multihost.maybe_initialize_distributed, ("distributed_timeout_s",))]:
+        parameters = inspect.signature(fn).parameters
+        assert all(parameters[n].default is inspect.Parameter.empty for n in names), fn.__name__
 
 
 @pytest.mark.parametrize("way", [None, "", "none", "off", "None"])

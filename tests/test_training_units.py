@@ -36,6 +36,9 @@ from fastvit_jax.training.trainer import NonFiniteLossError
 
 from test_training_helpers import TinyNet  # noqa: E402  (tests/ is on sys.path)
 
+ADAMW = dict(b1=0.9, b2=0.999, eps=1e-8)  # torch.optim.AdamW's
+SCHEDULE = dict(warmup_steps=0, warmup_lr=1e-6, min_lr=1e-5)
+
 
 @pytest.fixture(scope="module")
 def tiny_variables():
@@ -85,6 +88,18 @@ def test_workdir_config_mismatch_is_refused(tmp_path):
     assert "new --workdir" in msg and "lr_base" not in msg
     with pytest.raises(ConfigMismatchError, match="lr_base_size: workdir has 1024, this run has 256"):
         check_workdir_config(wd, c.replace(lr_base_size=256))  # the peak lr depends on it
+
+
+def test_a_config_json_from_before_a_field_existed_resumes_with_its_default(tmp_path):
+    wd = str(tmp_path / "wd")
+    c = get_config("t8", workdir=wd, num_classes=10)
+    older = {k: v for k, v in json.loads(c.to_json()).items() if not k.startswith("adam_")}
+    os.makedirs(wd)
+    with open(os.path.join(wd, "config.json"), "w") as f:
+        json.dump(older, f)
+    assert check_workdir_config(wd, c) == {}
+    with pytest.raises(ConfigMismatchError, match="adam_eps: workdir has 1e-08, this run has 1e-06"):
+        check_workdir_config(wd, c.replace(adam_eps=1e-6))
 
 
 def test_every_field_is_protected_unless_listed():
@@ -144,7 +159,7 @@ def test_lr_schedule_known_values():
     assert float(s(500)) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5), rel=1e-5)
     assert float(s(1000)) == pytest.approx(1e-5, rel=1e-5)
     assert float(s(1200)) == pytest.approx(1e-5, rel=1e-5)  # cool-down stays at min_lr
-    s0 = lr_schedule(2e-3, total_steps=10, warmup_steps=0, min_lr=0.0)
+    s0 = lr_schedule(2e-3, total_steps=10, warmup_steps=0, warmup_lr=1e-6, min_lr=0.0)
     assert float(s0(0)) == pytest.approx(2e-3)
 
 
@@ -164,7 +179,7 @@ def test_weight_decay_mask_leaf_by_leaf(tiny_variables):
     }
     # And the optimizer applies it: with zero gradients only masked leaves shrink.
     params = jax.tree.map(jnp.ones_like, tiny_variables["params"])
-    tx = make_optimizer(lambda _: 0.1, weight_decay=0.5)
+    tx = make_optimizer(lambda _: 0.1, weight_decay=0.5, **ADAMW)
     upd, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     new = optax.apply_updates(params, upd)
     for path, v in jax.tree_util.tree_leaves_with_path(new):
@@ -180,7 +195,7 @@ def test_mixup_cutmix_targets_sum_to_one(mix, cut):
     y = jnp.arange(8) % 5
     for seed in range(6):
         xm, t, lam = mixup_cutmix(jax.random.PRNGKey(seed), x, y, num_classes=5, mixup_alpha=mix,
-                                  cutmix_alpha=cut, label_smoothing=0.1)
+                                  cutmix_alpha=cut, switch_prob=0.5, label_smoothing=0.1)
         assert xm.shape == x.shape and t.shape == (8, 5)
         np.testing.assert_allclose(np.asarray(t.sum(-1)), 1.0, rtol=1e-6)
         lam = float(lam)
@@ -247,7 +262,7 @@ def test_state_and_batch_sharding_on_8_devices(spec, tiny_variables):
     assert jax.device_count() == 8
     mesh = mesh_lib.create_mesh(spec)
     assert mesh.size == 8
-    tx = make_optimizer(lr_schedule(1e-3, total_steps=10), weight_decay=0.05)
+    tx = make_optimizer(lr_schedule(1e-3, total_steps=10, **SCHEDULE), weight_decay=0.05, **ADAMW)
     abstract = jax.eval_shape(lambda v: create_state(v, tx), tiny_variables)
     shardings = mesh_lib.state_shardings(mesh, abstract, fsdp_min_size=256)
     state = jax.jit(lambda v: create_state(v, tx), out_shardings=shardings)(tiny_variables)
@@ -275,7 +290,7 @@ def test_state_and_batch_sharding_on_8_devices(spec, tiny_variables):
 def test_maybe_initialize_distributed_single_host_is_noop():
     from fastvit_jax.training import multihost
 
-    assert multihost.maybe_initialize_distributed(env={}) is False
+    assert multihost.maybe_initialize_distributed(env={}, distributed_timeout_s=300) is False
     assert multihost.want_distributed({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
     assert multihost.want_distributed({"TPU_WORKER_HOSTNAMES": "a,b,c,d"})
     assert not multihost.want_distributed({"TPU_WORKER_HOSTNAMES": "localhost"})
@@ -301,7 +316,7 @@ def test_distributed_timeouts_reach_jax_distributed_initialize():
 def _sharded_state(mesh_spec: str, tiny_variables):
     """(state, abstract state with shardings) of the tiny model on ``mesh_spec``."""
     mesh = mesh_lib.create_mesh(mesh_spec)
-    tx = make_optimizer(lr_schedule(1e-3, total_steps=10), weight_decay=0.05)
+    tx = make_optimizer(lr_schedule(1e-3, total_steps=10, **SCHEDULE), weight_decay=0.05, **ADAMW)
     abstract = jax.eval_shape(lambda v: create_state(v, tx), tiny_variables)
     shardings = mesh_lib.state_shardings(mesh, abstract, fsdp_min_size=256)
     state = jax.jit(lambda v: create_state(v, tx), out_shardings=shardings)(tiny_variables)
@@ -380,7 +395,7 @@ def test_a_checkpoint_of_another_model_is_refused_never_moved(tmp_path, tiny_var
     abstract = _two_checkpoints(tmp_path, tiny_variables)
     before = sorted(os.listdir(tmp_path / "checkpoints"))
     wrong = TinyNet(**other).init({"params": jax.random.PRNGKey(1)}, jnp.zeros((1, 16, 16, 3)), train=False)
-    tx = make_optimizer(lr_schedule(1e-3, total_steps=10), weight_decay=0.05)
+    tx = make_optimizer(lr_schedule(1e-3, total_steps=10, **SCHEDULE), weight_decay=0.05, **ADAMW)
     wrong_abstract = jax.eval_shape(lambda v: create_state(v, tx), wrong)
     c = Checkpointer(str(tmp_path))
     with pytest.raises(CheckpointMismatchError, match=r"checkpoint step 6 .* holds another model: params/.* is "

@@ -131,21 +131,17 @@ class DatasetInfo:
 
 @dataclasses.dataclass(frozen=True)
 class TrainAugment:
-    """Train-time augmentation settings (timm names/semantics).
+    """Train-time augmentation settings (timm names/semantics); the values are the caller's
+    (``training.trainer.train_augment(config)`` makes the recipe's from a ``TrainConfig``).
 
     ``color_jitter`` only applies when ``randaugment`` is None (timm behaviour).
     """
 
-    randaugment: str | None = "rand-m9-mstd0.5-inc1"
-    random_erase_prob: float = 0.25
-    color_jitter: float = 0.4
-    rrc_scale: tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
-
-    @classmethod
-    def minimal(cls) -> "TrainAugment":
-        """Random-resized-crop + flip only (fast; for tests and smoke runs)."""
-        return cls(randaugment=None, random_erase_prob=0.0, color_jitter=0.0)
+    randaugment: str | None
+    random_erase_prob: float
+    color_jitter: float
+    rrc_scale: tuple[float, float]
+    hflip: float
 
 
 # ----------------------------------------------------------------------------------------
@@ -403,7 +399,7 @@ def _element_key(seed: int, process_index: int, process_count: int, index: tf.Te
 
 def make_train_dataset(name: str, data_dir: str | None, *, global_batch_size: int, image_size: int,
                        seed: int, start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                       augment: TrainAugment = TrainAugment(),
+                       augment: TrainAugment,
                        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, mean: tuple = IMAGENET_MEAN,
                        std: tuple = IMAGENET_STD) -> tf.data.Dataset:
     """Infinite per-process train batches ``{'image': f32 (B,S,S,3), 'label': i32 (B,)}``.

@@ -8,8 +8,9 @@ and the README use the same field names. Each field's help text is in its metada
 
 A workdir remembers its config (``config.json``). A restart may change only the fields in
 ``RUN_LENGTH_FIELDS`` (to extend or shorten a run) and ``BOOKKEEPING_FIELDS`` (where
-and how often things are written); every other field, including any field added later,
-must match, or the restart is refused with the differing fields named.
+and how often things are written); every other field, including any field added later (absent
+from an older config.json, it counts as its default), must match, or the restart is refused with
+the differing fields named.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
+from fastvit_jax.io import write_text_atomically
 from fastvit_jax.variants import ALL_VARIANTS, canonical_name, check_image_size, get_variant, pretrained_cfg
 
 CONFIG_FILENAME = "config.json"
@@ -122,6 +124,9 @@ class TrainConfig:
                                   "given")
     lr_base_size: int = option(1024, "the batch size lr_base refers to (linear scaling)")
     weight_decay: float = option(0.05, "AdamW decoupled decay on kernels and layer scales")
+    adam_b1: float = option(0.9, "AdamW beta1 (torch.optim.AdamW's default, which Apple's run used)")
+    adam_b2: float = option(0.999, "AdamW beta2 (torch.optim.AdamW's default)")
+    adam_eps: float = option(1e-8, "AdamW epsilon (torch.optim.AdamW's default)")
     warmup_epochs: Optional[float] = option(
         None, f"linear warm-up in epochs (default: the recipe's {RECIPE_WARMUP_EPOCHS:g}, scaled down to at most "
               f"{MAX_WARMUP_FRACTION:.0%} of a shorter schedule)")
@@ -283,9 +288,14 @@ def _same(saved: Any, current: Any) -> bool:
 
 
 def config_differences(saved: Dict[str, Any], current: TrainConfig) -> Dict[str, Tuple[Any, Any]]:
-    """{field: (saved, current)} for every field whose values differ."""
+    """{field: (saved, current)} for every field whose values differ.
+
+    A field missing from ``saved`` (a config.json written before the field existed) counts as its
+    default, the value that run used without naming it."""
     now = current.to_dict()
-    return {k: (saved.get(k), now[k]) for k in now if not _same(saved.get(k), now[k])}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    saved = {k: saved.get(k, defaults[k]) for k in now}
+    return {k: (saved[k], now[k]) for k in now if not _same(saved[k], now[k])}
 
 
 def read_workdir_config(workdir: str) -> Optional[Dict[str, Any]]:
@@ -317,10 +327,7 @@ def check_eval_config(workdir: str, config: TrainConfig) -> None:
 
 def write_workdir_config(workdir: str, config: TrainConfig) -> None:
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILENAME)
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_json())
-    os.replace(path + ".tmp", path)
+    write_text_atomically(os.path.join(workdir, CONFIG_FILENAME), config.to_json())
 
 
 def check_workdir_config(workdir: str, config: TrainConfig) -> Dict[str, Tuple[Any, Any]]:

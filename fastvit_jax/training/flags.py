@@ -64,8 +64,8 @@ def flag_field_names() -> set:
 FLAG_GROUPS: Dict[str, Tuple[str, ...]] = {
     "model": ("variant", "num_classes", "drop_path", "init_from"),
     "data": ("dataset", "data_dir", "image_size", "crop_pct", "eval_batch_size"),
-    "optimisation": ("recipe", "global_batch_size", "lr", "lr_base", "lr_base_size", "weight_decay", "clip_grad",
-                     "label_smoothing", "ema_decay", "seed"),
+    "optimisation": ("recipe", "global_batch_size", "lr", "lr_base", "lr_base_size", "weight_decay", "adam_b1",
+                     "adam_b2", "adam_eps", "clip_grad", "label_smoothing", "ema_decay", "seed"),
     "schedule": ("num_epochs", "num_steps", "cooldown_epochs", "warmup_epochs", "warmup_steps", "warmup_lr",
                  "min_lr"),
     "augmentation": ("mixup", "cutmix", "mixup_switch_prob", "randaugment", "reprob", "color_jitter", "rrc_scale",

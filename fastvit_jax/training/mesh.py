@@ -92,7 +92,7 @@ def fsdp_spec(shape: Tuple[int, ...], fsdp_size: int, min_size: int) -> P:
     return P()
 
 
-def state_shardings(mesh: Mesh, shape_tree: Any, *, fsdp_min_size: int = 2**18) -> Any:
+def state_shardings(mesh: Mesh, shape_tree: Any, *, fsdp_min_size: int) -> Any:
     """NamedShardings for a pytree of shapes (params, optimizer state, EMA, ...)."""
     fsdp = mesh.shape["fsdp"] if "fsdp" in mesh.axis_names else 1
 

@@ -10,6 +10,8 @@ import logging
 import os
 from typing import Dict, List, Optional, Tuple
 
+from fastvit_jax.io import write_text_atomically
+
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tensorboard"  # view with: tensorboard --logdir <workdir>/tensorboard
 
@@ -56,10 +58,7 @@ class MetricWriter:
         records = read_metrics(self.path)
         kept = [r for r in records if r["step"] <= step]
         if len(kept) < len(records):
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, self.path)
+            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         return len(records) - len(kept)
 
     def close(self) -> None:
@@ -92,10 +91,7 @@ def drop_torn_last_line(path: str) -> None:
     if torn:
         log.warning("%s: dropped a torn last line (%d bytes, an append cut short by a crash or a full disk)", path,
                     torn)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        os.replace(tmp, path)
+        write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def read_metrics(workdir_or_path: str) -> List[dict]:

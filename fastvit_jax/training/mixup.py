@@ -42,12 +42,14 @@ def mixup_cutmix(
     labels: jnp.ndarray,
     *,
     num_classes: int,
-    mixup_alpha: float = 0.8,
-    cutmix_alpha: float = 1.0,
-    switch_prob: float = 0.5,
-    label_smoothing: float = 0.1,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    switch_prob: float,
+    label_smoothing: float,
 ):
-    """images (B,H,W,C), int labels (B,) -> mixed images, soft targets (B, num_classes), lam."""
+    """images (B,H,W,C), int labels (B,) -> mixed images, soft targets (B, num_classes), lam.
+
+    timm's Mixup (batch mode); the values are the caller's (``TrainConfig`` holds the recipe's)."""
     targets = smooth_one_hot(labels, num_classes, label_smoothing)
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return images, targets, jnp.ones((), jnp.float32)

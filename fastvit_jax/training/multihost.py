@@ -31,6 +31,8 @@ from typing import Callable, Dict, Optional
 
 import jax
 
+from fastvit_jax.io import write_text_atomically
+
 log = logging.getLogger("fastvit_jax.training")
 
 EXIT_PEER_LOST = 4  # the exit status of a process whose peer stopped responding or did not arrive
@@ -83,7 +85,7 @@ def initialize_kwargs(env=os.environ, *, distributed_timeout_s: float) -> Dict[s
     return kwargs
 
 
-def maybe_initialize_distributed(env=os.environ, *, distributed_timeout_s: float = 300.0) -> bool:
+def maybe_initialize_distributed(env=os.environ, *, distributed_timeout_s: float) -> bool:
     """Calls ``jax.distributed.initialize()`` when the environment describes a multi-process job.
 
     Must run before anything touches the JAX backend. Returns True when it initialised.
@@ -173,10 +175,7 @@ def write_topology(workdir: str) -> None:
     """Records this job's process and device count in ``<workdir>/topology.json`` (process 0)."""
     if jax.process_index() != 0:
         return
-    path = os.path.join(workdir, TOPOLOGY_FILENAME)
-    with open(path + ".tmp", "w") as f:
-        json.dump(current_topology(), f)
-    os.replace(path + ".tmp", path)
+    write_text_atomically(os.path.join(workdir, TOPOLOGY_FILENAME), json.dumps(current_topology()))
 
 
 def topology_change(workdir: str, step: int) -> Optional[str]:

@@ -26,9 +26,9 @@ def lr_schedule(
     peak_lr: Any,
     *,
     total_steps: Any,
-    warmup_steps: Any = 0,
-    warmup_lr: Any = 1e-6,
-    min_lr: Any = 1e-5,
+    warmup_steps: Any,
+    warmup_lr: Any,
+    min_lr: Any,
 ) -> Callable[[Any], jnp.ndarray]:
     """timm-style warm-up + cosine (absolute step) schedule; ``total_steps`` = cosine length.
 
@@ -64,12 +64,13 @@ def make_optimizer(
     schedule: Callable,
     *,
     weight_decay: float,
+    b1: float,
+    b2: float,
+    eps: float,
     clip_grad: Optional[float] = None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
 ) -> optax.GradientTransformation:
-    """torch.optim.AdamW semantics (decoupled decay scaled by lr), masked decay."""
+    """torch.optim.AdamW semantics (decoupled decay scaled by lr), masked decay; the values are the
+    caller's (``TrainConfig`` holds the recipe's)."""
     tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask)
     if clip_grad:
         tx = optax.chain(optax.clip_by_global_norm(clip_grad), tx)

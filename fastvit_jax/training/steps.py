@@ -37,8 +37,9 @@ def schedule_of(args: Dict[str, Any]) -> Callable:
 
 
 def config_optimizer(config: TrainConfig) -> Callable[[Callable], optax.GradientTransformation]:
-    """schedule -> the run's AdamW (weight decay, clipping from ``config``)."""
-    return lambda schedule: make_optimizer(schedule, weight_decay=config.weight_decay, clip_grad=config.clip_grad)
+    """schedule -> the run's AdamW (weight decay, betas, epsilon, clipping from ``config``)."""
+    return lambda schedule: make_optimizer(schedule, weight_decay=config.weight_decay, b1=config.adam_b1,
+                                           b2=config.adam_b2, eps=config.adam_eps, clip_grad=config.clip_grad)
 
 
 def make_train_step(model: nn.Module, optimizer_for: Callable[[Callable], optax.GradientTransformation],
