@@ -1,55 +1,64 @@
 """``--compile_only --topology v5e:8x8``: the real train and eval steps compiled for a TPU slice on
 a CPU host (deviceless ahead-of-time compilation with libtpu), with per-chip estimates.
 
-The steps, shardings, model and optimizer are the trainer's own (``trainer.jit_train_step``,
-``steps.make_train_step``, ``mesh.state_shardings``), built over the slice's devices from
-``jax.experimental.topologies``. From the compiled programs: memory per chip (arguments,
-temporaries, outputs) against the chip's HBM, FLOPs and bytes per step (XLA's cost analysis),
-and the roofline step time they imply against the chip's published bfloat16 peak and HBM
-bandwidth, with the img/s per chip and the MFU that follow. These are estimates read from the
-compiled program, not measurements.
+The model, optimizer, state shardings and jitted steps are the trainer's own: both build them
+with ``fastvit_jax.training.programs`` (the trainer over its devices, this module over the
+slice's devices from ``jax.experimental.topologies``). From the compiled programs: memory per
+chip (arguments, temporaries, outputs) against the chip's HBM, FLOPs and bytes per step (XLA's
+cost analysis), and the roofline step time they imply against the chip's published bfloat16
+peak and HBM bandwidth, with the img/s per chip and the MFU that follow. These are estimates
+read from the compiled program, not measurements. (XLA's own ``optimal_seconds`` is not used:
+it comes out negative for these programs.)
 
-libtpu is not imported by normal runs (it would make every CPU/GPU start probe for a TPU):
-``make setup`` installs it beside the environment (``.venv/libtpu-aot``) and this module points
-JAX at it (``TPU_LIBRARY_PATH``) before JAX starts, for this process only.
+libtpu is not importable by normal runs: an importable libtpu makes every CPU/GPU start load
+it (~0.7 GB) and probe for a TPU, and turns off the CPU host-memory tuning
+(``fastvit_jax/host_memory.py``). ``make setup`` installs it beside the environment
+(``.venv/libtpu-aot``) and this module points JAX at it (``TPU_LIBRARY_PATH``) before JAX
+starts, for this process only. An importable one (``pip install -e .[tpu]``, a TPU VM's) is used
+too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
 import re
 import sys
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-LIBTPU_PIN = "libtpu==0.0.42.1"  # the build that matches jax 0.10.2
+LIBTPU_PIN = "libtpu==0.0.42.1"  # the build that matches jax 0.10.2 (pyproject.toml's tpu extra)
 LIBTPU_DIRNAME = "libtpu-aot"
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """Published per-chip figures (Google Cloud TPU documentation, "System architecture" pages:
-    cloud.google.com/tpu/docs/v4, v5e, v5p, v6e)."""
+    """Published per-chip figures: peak dense bfloat16 FLOP/s, HBM bandwidth and capacity."""
 
     name: str
-    bf16_tflops: float  # peak dense bfloat16
+    bf16_tflops: float  # peak dense bfloat16, TFLOP/s
     hbm_gbps: float  # HBM bandwidth, GB/s
-    hbm_gib: float  # HBM capacity
+    hbm_gib: float  # HBM capacity, GiB
+    source: str  # where the figures are published
     megacore: bool = False  # two TensorCores that JAX drives as one device (v4, v5p)
 
 
+# Google Cloud TPU documentation, "System architecture" tables (read 2026-12):
 CHIPS: Dict[str, Chip] = {
-    "v4": Chip("v4", 275.0, 1200.0, 32.0, megacore=True),
-    "v5e": Chip("v5e", 197.0, 819.0, 16.0),
-    "v5p": Chip("v5p", 459.0, 2765.0, 95.0, megacore=True),
-    "v6e": Chip("v6e", 918.0, 1638.0, 32.0),
+    "v4": Chip("v4", 275.0, 1200.0, 32.0, "https://cloud.google.com/tpu/docs/v4 (275 TFLOPs, 32 GiB, 1200 GBps)",
+               megacore=True),
+    "v5e": Chip("v5e", 197.0, 819.0, 16.0, "https://cloud.google.com/tpu/docs/v5e (197 TFLOPs, 16 GB, 819 GBps)"),
+    "v5p": Chip("v5p", 459.0, 2765.0, 95.0, "https://cloud.google.com/tpu/docs/v5p (459 TFLOPs, 95 GB, 2765 GBps)",
+                megacore=True),
+    "v6e": Chip("v6e", 918.0, 1638.0, 32.0, "https://cloud.google.com/tpu/docs/v6e (918 TFLOPs, 32 GB, 1638 GBps)"),
 }
 
-# Classes of the datasets --compile_only knows without reading them.
-KNOWN_NUM_CLASSES = {"imagenet2012": 1000, "demo": 10, "fastvit_demo": 10}
+# The datasets --compile_only knows without reading them: (classes, train examples).
+KNOWN_DATASETS = {"imagenet2012": (1000, 1_281_167), "demo": (10, 0), "fastvit_demo": (10, 0)}
+STEPS = ("train_step", "eval_step")
 
 
 class CompileOnlyError(ValueError):
@@ -57,35 +66,47 @@ class CompileOnlyError(ValueError):
 
 
 def libtpu_path() -> Optional[str]:
-    """The libtpu.so to use: $TPU_LIBRARY_PATH, the environment's libtpu-aot folder, or an importable libtpu."""
-    candidates = [os.environ.get("TPU_LIBRARY_PATH"),
-                  os.path.join(sys.prefix, LIBTPU_DIRNAME, "libtpu", "libtpu.so")]
-    for path in candidates:
-        if path and os.path.isfile(path):
-            return path
-    return None
+    """The libtpu.so to use: $TPU_LIBRARY_PATH when set (None if it is not a file), else the
+    environment's libtpu-aot folder, else an importable libtpu (found without importing it)."""
+    if "TPU_LIBRARY_PATH" in os.environ:
+        path = os.environ["TPU_LIBRARY_PATH"]
+        return path if os.path.isfile(path) else None
+    candidates = [os.path.join(sys.prefix, LIBTPU_DIRNAME, "libtpu", "libtpu.so")]
+    spec = importlib.util.find_spec("libtpu")
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [os.path.join(d, "libtpu.so") for d in spec.submodule_search_locations]
+    return next((path for path in candidates if os.path.isfile(path)), None)
+
+
+def missing_libtpu_message() -> str:
+    """One line: what is missing and the commands that install it."""
+    if os.environ.get("TPU_LIBRARY_PATH"):
+        return (f"--compile_only: TPU_LIBRARY_PATH={os.environ['TPU_LIBRARY_PATH']} is not a file; unset it or point "
+                f"it at a libtpu.so ({LIBTPU_PIN})")
+    return (f"--compile_only needs libtpu, which is not installed: run `make setup` (it puts {LIBTPU_PIN} beside "
+            f".venv, where CPU/GPU runs never load it), or `pip install -e .[tpu]` (importable: CPU runs then probe "
+            f"for a TPU at start)")
 
 
 def prepare_deviceless_tpu() -> str:
-    """Points JAX at libtpu for deviceless compilation; must run before JAX starts. Returns the .so path."""
+    """Points JAX at libtpu for deviceless compilation; must run before JAX starts. Returns the .so path.
+
+    ``ALLOW_MULTIPLE_LIBTPU_LOAD``: libtpu otherwise holds /tmp/libtpu_lockfile for the life of
+    the process, so a second compile (another shell, a parallel test) fails to start."""
     path = libtpu_path()
     if path is None:
-        raise CompileOnlyError(
-            f"--compile_only needs libtpu, which is not installed: run `make setup` (it installs {LIBTPU_PIN} into "
-            f".venv/{LIBTPU_DIRNAME}) or `pip install --no-deps --target {sys.prefix}/{LIBTPU_DIRNAME} {LIBTPU_PIN}`")
-    # ALLOW_MULTIPLE_LIBTPU_LOAD: libtpu otherwise holds /tmp/libtpu_lockfile for the life of the
-    # process, and a second compile at the same time (another shell, a parallel test) fails to start.
+        raise CompileOnlyError(missing_libtpu_message())
     os.environ.update(JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", TPU_LIBRARY_PATH=path,
                       TPU_WORKER_HOSTNAMES="localhost", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     return path
 
 
-def parse_topology(name: str) -> tuple:
+def parse_topology(name: str) -> Tuple[Chip, Tuple[int, int, int]]:
     """'v5e:8x8' -> (Chip, (8, 8, 1)); CompileOnlyError naming the accepted forms."""
     match = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+)x(\d+)(?:x(\d+))?", name.strip())
     if not match:
         raise CompileOnlyError(f"--topology {name!r} is not CHIP:AxB[xC] with CHIP one of {', '.join(CHIPS)} "
-                               f"(e.g. v5e:2x2, v5e:8x8, v4:2x2x2, v5p:2x2x4)")
+                               f"(e.g. v5e:1x1, v5e:2x2, v5e:8x8, v6e:4x4, v4:2x2x1, v5p:2x2x4)")
     chip = CHIPS[match.group(1)]
     dims = tuple(int(d) for d in match.groups()[1:] if d is not None)
     return chip, dims + (1,) * (3 - len(dims))
@@ -93,7 +114,7 @@ def parse_topology(name: str) -> tuple:
 
 def topology_devices(name: str) -> list:
     """The devices of TPU slice ``name`` (no TPU needed): one per chip, as JAX sees a real slice
-    (v4 / v5p: megacore, the chip's two TensorCores as one device)."""
+    (v4/v5p: megacore, the chip's two TensorCores as one device)."""
     from jax.experimental import topologies
 
     chip, dims = parse_topology(name)
@@ -103,7 +124,9 @@ def topology_devices(name: str) -> list:
             platform="tpu", topology_name=name.strip(), chip_config_name="megacore" if chip.megacore else "default",
             chips_per_host_bounds=per_host, num_slices=1).devices)
     except Exception as e:  # noqa: BLE001 - libtpu's errors for an unknown topology vary
-        raise CompileOnlyError(f"libtpu does not know the topology {name!r}: {str(e).splitlines()[0][:200]}") from None
+        raise CompileOnlyError(f"libtpu ({LIBTPU_PIN}) cannot build the topology {name!r}: "
+                               f"{str(e).splitlines()[0][:200]} (accepted e.g. v5e:1x1, v5e:2x2, v5e:8x8, v6e:2x2, "
+                               f"v4:2x2x1, v5p:2x2x1)") from None
 
 
 def roofline(flops: float, nbytes: float, chip: Chip, images: int) -> Dict[str, float]:
@@ -117,79 +140,97 @@ def roofline(flops: float, nbytes: float, chip: Chip, images: int) -> Dict[str, 
             "mfu": compute_s / step_s if step_s else 0.0}
 
 
-def _analysis(compiled: Any, chip: Chip, images_per_chip: int) -> Dict[str, Any]:
+def memory_per_chip(compiled: Any) -> Dict[str, int]:
+    """XLA's memory analysis of a compiled step, bytes per chip: arguments, temporaries, outputs,
+    aliased (outputs living in donated arguments), code, and the total live at once."""
     memory = compiled.memory_analysis()
+    sizes = {k: int(getattr(memory, f"{k}_size_in_bytes", 0) or 0)
+             for k in ("argument", "temp", "output", "alias", "generated_code")}
+    sizes["total"] = sizes["argument"] + sizes["temp"] + sizes["output"] - sizes["alias"] + sizes["generated_code"]
+    return sizes
+
+
+def cost_per_chip(compiled: Any) -> Tuple[float, float]:
+    """(FLOPs, bytes accessed) per chip per step from XLA's cost analysis."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    sizes = {k: int(getattr(memory, f"{k}_size_in_bytes", 0)) for k in ("argument", "temp", "output", "alias")}
-    total = sizes["argument"] + sizes["temp"] + sizes["output"] - sizes["alias"]
-    flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    return {"memory_bytes": {**sizes, "total": total}, "hbm_bytes": int(chip.hbm_gib * 2**30),
-            "fits": total <= chip.hbm_gib * 2**30, "flops": flops, "bytes_accessed": nbytes,
-            **roofline(flops, nbytes, chip, images_per_chip)}
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
-def compile_only(config: Any, topology: str, model_fn: Callable) -> Dict[str, Any]:
-    """Compiles the run's train and eval steps for ``topology``; returns the per-chip report."""
-    import jax
-    import jax.numpy as jnp
+def analyse(compiled: Any, chip: Chip, images_per_chip: int) -> Dict[str, Any]:
+    """Memory against the chip's HBM, FLOPs, bytes and the roofline of one compiled step."""
+    memory = memory_per_chip(compiled)
+    flops, nbytes = cost_per_chip(compiled)
+    hbm = int(chip.hbm_gib * 2**30)
+    return {"memory_bytes": memory, "hbm_bytes": hbm, "fits": memory["total"] <= hbm, "flops": flops,
+            "bytes_accessed": nbytes, **roofline(flops, nbytes, chip, images_per_chip)}
 
+
+def compile_config(config: Any) -> Any:
+    """``config`` with num_classes filled in from the dataset's known size (the dataset is not read)."""
+    known = KNOWN_DATASETS.get(config.dataset)
+    if config.num_classes:
+        return config
+    if known is None:
+        raise CompileOnlyError(f"--compile_only does not read the dataset: pass --num_classes for {config.dataset!r} "
+                               f"(known: {', '.join(KNOWN_DATASETS)})")
+    return config.replace(num_classes=known[0])
+
+
+def compile_only(config: Any, topology: str, model_fn: Callable, *, lowering: Optional[str] = None,
+                 steps: Sequence[str] = STEPS) -> Dict[str, Any]:
+    """Compiles the run's ``steps`` (train and eval) for ``topology`` with the trainer's programs;
+    returns the per-chip report. ``lowering``: the convolutions' ('native', the TPU default, or 'shift')."""
     from fastvit_jax.training import mesh as mesh_lib
+    from fastvit_jax.training.evaluate import eval_batch_size
     from fastvit_jax.training.plan import make_plan
-    from fastvit_jax.training.state import create_state, init_variables
-    from fastvit_jax.training.steps import config_optimizer, make_eval_step, make_train_step, run_args, schedule_of
-    from fastvit_jax.training.trainer import jit_train_step
+    from fastvit_jax.training.programs import build_model, build_step_programs, eval_batch_spec, train_batch_spec
+    from fastvit_jax.training.setup import resolve_dtype, resolve_remat
+    from fastvit_jax.training.steps import config_optimizer, run_args, schedule_of
 
     chip, _ = parse_topology(topology)
     devices = topology_devices(topology)
-    num_classes = config.num_classes or KNOWN_NUM_CLASSES.get(config.dataset)
-    if not num_classes:
-        raise CompileOnlyError(f"--compile_only does not read the dataset: pass --num_classes for {config.dataset!r}")
-    config = config.replace(num_classes=int(num_classes))
+    config = compile_config(config)
     mesh = mesh_lib.create_mesh(config.mesh, devices)
-    if config.global_batch_size % mesh_lib.batch_size_divisor(mesh):
+    divisor = mesh_lib.batch_size_divisor(mesh)
+    if config.global_batch_size % divisor:
         raise CompileOnlyError(f"--global_batch_size {config.global_batch_size} does not split over the "
-                               f"{mesh_lib.batch_size_divisor(mesh)} chips of the batch axes of {dict(mesh.shape)}")
-    remat = "elementwise" if config.remat == "auto" else config.remat  # the TPU default
-    model = model_fn(config.variant, num_classes=config.num_classes, drop_path_rate=config.drop_path,
-                     dtype=jnp.bfloat16 if config.dtype == "auto" else jnp.dtype(config.dtype), remat=remat,
-                     lowering="native")
-    plan = make_plan(config, max(config.global_batch_size, 1_281_167 if config.dataset == "imagenet2012" else 0))
+                               f"{divisor} chips of the batch axes of {dict(mesh.shape)}")
+    lowering = lowering or "native"  # conv.default_lowering() on a TPU
+    model = build_model(config, model_fn, platform="tpu", lowering=lowering)
+    plan = make_plan(config, max(config.global_batch_size, KNOWN_DATASETS.get(config.dataset, (0, 0))[1]))
     optimizer_for, args = config_optimizer(config), run_args(plan, config)
-    abstract_state = jax.eval_shape(lambda: create_state(init_variables(model, config.image_size),
-                                                         optimizer_for(schedule_of(args))))
-    shardings = mesh_lib.state_shardings(mesh, abstract_state, fsdp_min_size=config.fsdp_min_size)
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, shardings)
     size = config.image_size
-    batch_spec = {"image": ((config.global_batch_size, size, size, 3), jnp.float32),
-                  "label": ((config.global_batch_size,), jnp.int32)}
-    jitted, batch = jit_train_step(make_train_step(model, optimizer_for, config), shardings, batch_spec, mesh)
-    replicated = mesh_lib.replicated(mesh)
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
-    abstract_args = {k: jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated) for k in args}
-    per_chip = config.global_batch_size // mesh_lib.batch_size_divisor(mesh)
-    start = time.perf_counter()
-    train = jitted.lower(state, batch, key, abstract_args).compile()
-    train_s = time.perf_counter() - start
-    eval_batch = {"image": jax.ShapeDtypeStruct((config.global_batch_size, size, size, 3), jnp.float32,
-                                                sharding=mesh_lib.batch_sharding(mesh)),
-                  "label": jax.ShapeDtypeStruct((config.global_batch_size,), jnp.int32,
-                                                sharding=mesh_lib.batch_sharding(mesh)),
-                  "mask": jax.ShapeDtypeStruct((config.global_batch_size,), jnp.float32,
-                                               sharding=mesh_lib.batch_sharding(mesh))}
-    variables = {"": {"params": state.params, "batch_stats": state.batch_stats}}
-    start = time.perf_counter()
-    evaluate = jax.jit(make_eval_step(model), out_shardings=replicated).lower(variables, eval_batch).compile()
-    eval_s = time.perf_counter() - start
-    return {
-        "note": "estimates read from the compiled programs (XLA's memory and cost analysis against the chip's "
+    programs = build_step_programs(config, model, optimizer_for, optimizer_for(schedule_of(args)), mesh,
+                                   train_batch_spec(config.global_batch_size, size))
+    per_chip = config.global_batch_size // divisor
+    eval_batch = eval_batch_size(config, mesh)
+    report = {
+        "note": "ESTIMATES read from the compiled programs (XLA's memory and cost analysis against the chip's "
                 "published peak bfloat16 FLOP/s and HBM bandwidth), not measurements",
         "variant": config.variant, "topology": topology, "chips": len(devices), "chip": dataclasses.asdict(chip),
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "global_batch_size": config.global_batch_size,
-        "images_per_chip": per_chip, "image_size": size, "remat": remat, "dtype": "bfloat16",
-        "train_step": {**_analysis(train, chip, per_chip), "compile_s": round(train_s, 1)},
-        "eval_step": {**_analysis(evaluate, chip, per_chip), "compile_s": round(eval_s, 1)},
+        "images_per_chip": per_chip, "eval_batch_size": eval_batch, "image_size": size,
+        "num_classes": config.num_classes, "dtype": jnp_name(resolve_dtype(config.dtype, "tpu")),
+        "remat": resolve_remat(config.remat, "tpu"), "lowering": lowering,
     }
+    if "train_step" in steps:
+        start = time.perf_counter()
+        compiled = programs.train_step.lower(*programs.train_inputs(args)).compile()
+        report["train_step"] = {**analyse(compiled, chip, per_chip), "compile_s": round(time.perf_counter() - start, 1)}
+    if "eval_step" in steps:
+        start = time.perf_counter()
+        compiled = programs.eval_step.lower(*programs.eval_inputs(eval_batch_spec(eval_batch, size))).compile()
+        # one eval step evaluates the weights and their EMA: two forward passes per image
+        report["eval_step"] = {**analyse(compiled, chip, eval_batch // divisor),
+                               "compile_s": round(time.perf_counter() - start, 1)}
+    return report
+
+
+def jnp_name(dtype: Any) -> str:
+    import numpy as np
+
+    return np.dtype(dtype).name
 
 
 def describe(report: Dict[str, Any]) -> str:
@@ -197,9 +238,11 @@ def describe(report: Dict[str, Any]) -> str:
     gib = 2.0 ** 30
     lines = [f"fastvit_{report['variant']} on {report['topology']} ({report['chips']} chips, mesh {report['mesh']}), "
              f"global batch {report['global_batch_size']} ({report['images_per_chip']} per chip), "
-             f"{report['image_size']} px, {report['dtype']}, remat {report['remat']}",
-             f"ESTIMATES from the compiled programs, not measurements:"]
-    for name in ("train_step", "eval_step"):
+             f"{report['image_size']} px, {report['dtype']}, remat {report['remat']}, "
+             f"{report['lowering']} convs; chip {report['chip']['name']}: {report['chip']['bf16_tflops']:g} TFLOP/s "
+             f"bf16, {report['chip']['hbm_gbps']:g} GB/s, {report['chip']['hbm_gib']:g} GiB HBM",
+             "ESTIMATES from the compiled programs (XLA's cost and memory analysis), not measurements:"]
+    for name in [s for s in STEPS if s in report]:
         r = report[name]
         m = r["memory_bytes"]
         lines.append(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -13,23 +13,30 @@ from fastvit_jax.training import multihost
 from fastvit_jax.training.config import TrainConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ACCELERATORS = ("tpu", "gpu", "cuda", "rocm")
 
 
-def resolve_dtype(name: str) -> Any:
-    """'auto' -> bfloat16 on TPU/GPU, float32 on CPU; else the named dtype."""
+def _on_accelerator(platform: Optional[str]) -> bool:
+    """True for a TPU/GPU ``platform`` (default: the backend JAX runs on)."""
+    return (platform or jax.default_backend()) in ACCELERATORS
+
+
+def resolve_dtype(name: str, platform: Optional[str] = None) -> Any:
+    """'auto' -> bfloat16 on TPU/GPU, float32 on CPU; else the named dtype. ``platform``: the
+    backend the step is compiled for (default: JAX's; --compile_only: 'tpu')."""
     if name in (None, "", "auto"):
-        return jnp.bfloat16 if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else jnp.float32
+        return jnp.bfloat16 if _on_accelerator(platform) else jnp.float32
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
-def resolve_remat(name: str) -> str:
+def resolve_remat(name: str, platform: Optional[str] = None) -> str:
     """'auto' -> 'elementwise' on TPU/GPU (their step is memory-bound: keeping only conv/matmul
     outputs cuts the bytes kept for the backward by half, docs/performance.md), 'none' on CPU
     (compute-bound there: recomputing costs time); else the named policy."""
     if name in (None, "", "auto"):
-        return "elementwise" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "none"
+        return "elementwise" if _on_accelerator(platform) else "none"
     return name
 
 

@@ -37,9 +37,10 @@ from fastvit_jax.training.metrics import MetricWriter, plot_curves, read_metrics
 from fastvit_jax.training.plan import Plan, make_plan
 from fastvit_jax.training.preemption import StopSignals
 from fastvit_jax.training.pretrained import export_fused, load_weights_file, merge_pretrained
-from fastvit_jax.training.setup import resolve_dtype, resolve_remat, setup_run
+from fastvit_jax.training.programs import StepPrograms, build_model, build_step_programs, train_batch_spec
+from fastvit_jax.training.setup import setup_run
 from fastvit_jax.training.state import TrainState, create_state, init_variables
-from fastvit_jax.training.steps import config_optimizer, make_eval_step, make_train_step, run_args, schedule_of
+from fastvit_jax.training.steps import config_optimizer, run_args, schedule_of
 from fastvit_jax.training.workdir_lock import WorkdirLock
 
 log = logging.getLogger("fastvit_jax.training")
@@ -132,30 +133,16 @@ def _initial_state(config: TrainConfig, model: nn.Module, tx, shardings: Any, ab
     return fresh_state(init_rng), None
 
 
-def jit_train_step(step_fn: Callable, shardings: Any, batch_spec: Dict[str, Tuple[tuple, Any]],
-                   mesh: Mesh) -> Tuple[Callable, Dict[str, jax.ShapeDtypeStruct]]:
-    """(the jitted train step with the run's shardings, the abstract global batch). The state is
-    donated; the batch is split over the mesh's batch axes; key and run arguments are replicated.
-    The trainer compiles it for its devices, ``--compile_only`` for a TPU topology."""
-    batch_sharding, replicated = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
-    jitted = jax.jit(step_fn, in_shardings=(shardings, {k: batch_sharding for k in batch_spec}, replicated,
-                                            replicated),
-                     out_shardings=(shardings, replicated), donate_argnums=(0,))
-    abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-                      for k, (shape, dtype) in batch_spec.items()}
-    return jitted, abstract_batch
-
-
-def _compile_train_step(step_fn: Callable, state: TrainState, shardings: Any, batch_spec: Dict[str, Any],
-                        mesh: Mesh, base_key: jax.Array, args: Dict[str, Any]) -> Tuple[Callable, bool]:
+def _compile_train_step(programs: StepPrograms, state: TrainState, base_key: jax.Array,
+                        args: Dict[str, Any]) -> Tuple[Callable, bool]:
     """(step(state, batch) with ``base_key`` and the run ``args`` bound, whether it came from the persistent
-    cache). Explicit shardings, state donated."""
-    jitted, abstract_batch = jit_train_step(step_fn, shardings, batch_spec, mesh)
+    cache). Explicit shardings, state donated (``programs.train_step``)."""
+    mesh = programs.mesh
     replicated = mesh_lib.replicated(mesh)
     start = time.perf_counter()
-    what = f"the train step (global batch {next(iter(batch_spec.values()))[0][0]}, {mesh.size} device(s))"
+    what = f"the train step (global batch {programs.train_batch['image'].shape[0]}, {mesh.size} device(s))"
     with count_cache_hits() as hits, announce_compilation(what, jax.config.jax_compilation_cache_dir):
-        compiled = jitted.lower(state, abstract_batch, base_key, args).compile()
+        compiled = programs.train_step.lower(state, programs.train_batch, base_key, args).compile()
     from_cache = hits[0] > 0
     log.info("train step %s in %.1fs", "loaded from the compilation cache" if from_cache else "compiled",
              time.perf_counter() - start)
@@ -163,10 +150,13 @@ def _compile_train_step(step_fn: Callable, state: TrainState, shardings: Any, ba
     return (lambda state, batch: compiled(state, batch, base_key, args)), from_cache
 
 
-def _batch_spec(dataset, global_batch_size: int) -> Dict[str, Tuple[tuple, Any]]:
-    """{'image': (global shape, dtype), 'label': ...} from the per-process tf.data element spec."""
+def _check_batch_spec(dataset, train_batch: Dict[str, jax.ShapeDtypeStruct]) -> None:
+    """The per-process tf.data batches have the image/label shapes and dtypes the step was built for."""
     spec = dataset.element_spec
-    return {k: ((global_batch_size, *spec[k].shape[1:]), spec[k].dtype.as_numpy_dtype) for k in ("image", "label")}
+    for k, want in train_batch.items():
+        got = (tuple(spec[k].shape[1:]), np.dtype(spec[k].dtype.as_numpy_dtype))
+        if got != (tuple(want.shape[1:]), np.dtype(want.dtype)):
+            raise AssertionError(f"the input pipeline's {k!r} is {got}, the train step takes {want}")
 
 
 def train_augment(config: TrainConfig):
@@ -299,16 +289,16 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
     _log_plan(plan, length_changes)
 
     # ---- Model and optimizer.
-    model = model_fn(config.variant, num_classes=config.num_classes, drop_path_rate=config.drop_path,
-                     dtype=resolve_dtype(config.dtype), remat=resolve_remat(config.remat))
+    model = build_model(config, model_fn)
     optimizer_for = config_optimizer(config)
     args = run_args(plan, config)
     tx = optimizer_for(schedule_of(args))  # its state does not depend on the schedule's values
+    # The jitted steps and the state's shardings, as --compile_only builds them (programs.py).
+    programs = build_step_programs(config, model, optimizer_for, tx, mesh,
+                                   train_batch_spec(config.global_batch_size, config.image_size))
 
     # ---- State: resumed, fine-tuned from --init_from, or fresh; created sharded.
-    abstract_state = jax.eval_shape(lambda rng: create_state(init_variables(model, config.image_size, rng), tx),
-                                    jax.random.PRNGKey(0))
-    shardings = mesh_lib.state_shardings(mesh, abstract_state, fsdp_min_size=config.fsdp_min_size)
+    abstract_state, shardings = programs.abstract_state, programs.shardings
     init_rng, base_key = jax.random.split(jax.random.PRNGKey(config.seed))
     base_key = jax.device_put(base_key, mesh_lib.replicated(mesh))
     checkpointer = ckpt_lib.Checkpointer(config.workdir, max_to_keep=config.keep_checkpoints)
@@ -327,14 +317,12 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
 
     # ---- Steps: the train step compiled before the loop; every process waits for the others.
     train_step, from_cache = None, None
+    _check_batch_spec(dataset, programs.train_batch)
     if start_step < plan.total_steps:
-        step_fn = make_train_step(model, optimizer_for, config)
-        train_step, from_cache = _compile_train_step(step_fn, state, shardings,
-                                                     _batch_spec(dataset, config.global_batch_size), mesh, base_key,
-                                                     args)
+        train_step, from_cache = _compile_train_step(programs, state, base_key, args)
         multihost.barrier("fastvit_train_step_compiled", config.barrier_timeout,
                           "every process to compile or load the train step")
-    eval_step = jax.jit(make_eval_step(model), out_shardings=mesh_lib.replicated(mesh))
+    eval_step = programs.eval_step
     log.info("ready to train (%.1fs since start)", time.perf_counter() - t_start)
 
     # ---- Loop.

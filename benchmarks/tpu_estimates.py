@@ -1,0 +1,237 @@
+"""The training step on one TPU chip, estimated from the compiled program: the largest per-chip
+batch that fits the chip's HBM, and the img/s per chip and MFU the roofline gives at that batch.
+
+Each figure is a deviceless compile with libtpu on this CPU host (``train_tpu.py --compile_only``'s
+code: ``fastvit_jax.training.aot``), one chip, data-parallel mesh (a data-parallel step's per-chip
+figures barely depend on the chip count), train step only. Per row: compile at two batch sizes,
+fit the step's memory as a + b * batch (parameters and optimizer state are the constant, the
+activations and temporaries grow with the batch), take the largest multiple of 8 under the HBM
+and confirm it with a third compile (stepping down if it does not fit). ESTIMATES from XLA's cost
+and memory analysis against the chip's published peak and bandwidth, not measurements.
+
+A compile takes minutes of CPU (t8 at 256 px: ~5-10 CPU-minutes, ma36 several times that), so
+every compile is cached in --results, keyed by the code (git tree of fastvit_jax/), variant,
+chip, lowering, remat, image size and batch; a rerun compiles only what is missing. Run it
+niced, in the background; a subset with the flags::
+
+    nice python -m benchmarks.tpu_estimates --variants t8 ma36 --chips v5e
+    python -m benchmarks.tpu_estimates --table          # the markdown table from the cache only
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_RESULTS = os.path.join(REPO, "benchmarks", "results", "tpu_estimates.json")
+# The smallest slice libtpu builds per chip (v4/v5p: one megacore chip).
+ONE_CHIP = {"v5e": "v5e:1x1", "v6e": "v6e:1x1", "v4": "v4:1x1x1", "v5p": "v5p:1x1x1"}
+BATCH_MULTIPLE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the table: a variant's train step on one chip."""
+
+    variant: str
+    chip: str
+    lowering: str = "native"
+    remat: str = "auto"
+    image_size: int = 256
+
+
+def code_label() -> str:
+    """The git tree of fastvit_jax/ (changes only when the model/trainer code does), '+dirty' if edited."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True).stdout.strip()
+
+    tree = git("rev-parse", "HEAD:fastvit_jax")[:12] or "unknown"
+    return tree + ("+dirty" if git("status", "--porcelain", "--", "fastvit_jax") else "")
+
+
+def cache_key(label: str, row: Row, batch: int) -> str:
+    return f"{label}|{row.variant}|{row.chip}|{row.lowering}|{row.remat}|{row.image_size}|{batch}"
+
+
+def load_results(path: str) -> Dict[str, Any]:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_results(path: str, results: Dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def compile_one(row: Row, batch: int, timeout_s: float) -> Dict[str, Any]:
+    """The train step of ``row`` at ``batch`` per chip, compiled in a child process (libtpu must be
+    set up before JAX starts); its report plus the child's CPU seconds."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.tpu_estimates", "--_one",
+                           json.dumps({**dataclasses.asdict(row), "batch": batch})],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"compile of {row} at batch {batch} failed:\n{proc.stderr[-2000:]}")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report["cpu_s"] = round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1)
+    report["wall_s"] = round(time.perf_counter() - start, 1)
+    return report
+
+
+def _one(spec: Dict[str, Any]) -> None:
+    """Child: compile and print the report as one JSON line."""
+    from fastvit_jax.training import aot
+
+    aot.prepare_deviceless_tpu()
+    import fastvit_jax
+    from fastvit_jax.training.config import get_config
+
+    config = get_config(spec["variant"], global_batch_size=spec["batch"], image_size=spec["image_size"],
+                        remat=spec["remat"], mesh="data:-1", workdir="/nonexistent")
+    report = aot.compile_only(config, ONE_CHIP[spec["chip"]], fastvit_jax.create_model, lowering=spec["lowering"],
+                              steps=("train_step",))
+    print(json.dumps(report))
+
+
+def fit_max_batch(points: Sequence[Tuple[int, int]], hbm_bytes: int) -> int:
+    """The largest multiple of 8 whose linearly extrapolated memory (from (batch, bytes) points) fits."""
+    (b1, m1), (b2, m2) = sorted(points)[:2]
+    per_image = (m2 - m1) / (b2 - b1)
+    if per_image <= 0:
+        raise ValueError(f"memory does not grow with the batch: {points}")
+    fixed = m1 - per_image * b1
+    return max(BATCH_MULTIPLE, int((hbm_bytes - fixed) / per_image) // BATCH_MULTIPLE * BATCH_MULTIPLE)
+
+
+class Runner:
+    """Compiles what the cache lacks, saving after every compile."""
+
+    def __init__(self, path: str, label: str, timeout_s: float, dry_run: bool = False):
+        self.path, self.label, self.timeout_s, self.dry_run = path, label, timeout_s, dry_run
+        self.results = load_results(path)
+
+    def get(self, row: Row, batch: int) -> Optional[Dict[str, Any]]:
+        key = cache_key(self.label, row, batch)
+        if key not in self.results:
+            if self.dry_run:
+                return None
+            print(f"compiling {row.variant} {row.lowering} on {row.chip} at {batch}/chip ...", flush=True)
+            report = compile_one(row, batch, self.timeout_s)
+            step = report["train_step"]
+            print(f"  {step['memory_bytes']['total'] / 2**30:.2f} GiB, {step['img_per_s_per_chip']:.0f} img/s, "
+                  f"CPU {report['cpu_s']:.0f}s, wall {report['wall_s']:.0f}s", flush=True)
+            self.results = {**load_results(self.path), key: report}  # another run may have added entries
+            save_results(self.path, self.results)
+        return self.results[key]
+
+
+def largest_batch(runner: Runner, row: Row, probes: Sequence[int]) -> Dict[str, Any]:
+    """Probe, extrapolate, confirm (stepping down while it does not fit); the row's summary."""
+    reports = [runner.get(row, b) for b in probes]
+    if any(r is None for r in reports):
+        return {"row": row, "missing": True}
+    hbm = reports[0]["train_step"]["hbm_bytes"]
+    batch = fit_max_batch([(b, r["train_step"]["memory_bytes"]["total"]) for b, r in zip(probes, reports)], hbm)
+    for _ in range(3):
+        report = runner.get(row, batch)
+        if report is None:
+            return {"row": row, "missing": True, "predicted_batch": batch}
+        total = report["train_step"]["memory_bytes"]["total"]
+        if total <= hbm:
+            return {"row": row, "batch": batch, "report": report, "predicted_batch": batch,
+                    "cpu_s": sum(r.get("cpu_s", 0.0) for r in reports) + report.get("cpu_s", 0.0)}
+        batch = max(BATCH_MULTIPLE, int(batch * hbm / total) // BATCH_MULTIPLE * BATCH_MULTIPLE)
+    return {"row": row, "missing": True, "predicted_batch": batch}
+
+
+def table(summaries: List[Dict[str, Any]]) -> str:
+    """The markdown table of the rows (per chip; estimates)."""
+    lines = ["| variant | convs | chip | largest batch/chip | memory (GiB of HBM) | GFLOP/img | MB/img | step (ms) "
+             "| bound | img/s/chip | MFU | CPU compile (min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        row = s["row"]
+        if s.get("missing"):
+            lines.append(f"| {row.variant} | {row.lowering} | {row.chip} | not compiled yet"
+                         f"{' (predicted ' + str(s['predicted_batch']) + ')' if 'predicted_batch' in s else ''} "
+                         f"| | | | | | | | |")
+            continue
+        step, batch = s["report"]["train_step"], s["batch"]
+        m = step["memory_bytes"]
+        lines.append(
+            f"| {row.variant} | {row.lowering} | {row.chip} | {batch} | {m['total'] / 2**30:.1f} of "
+            f"{step['hbm_bytes'] / 2**30:.0f} | {step['flops'] / batch / 1e9:.1f} | "
+            f"{step['bytes_accessed'] / batch / 1e6:.0f} | {step['step_s'] * 1e3:.0f} | {step['bound']} | "
+            f"{step['img_per_s_per_chip']:,.0f} | {100 * step['mfu']:.1f}% | {s['cpu_s'] / 60:.0f} |")
+    return "\n".join(lines)
+
+
+def rows_for(variants: Sequence[str], chips: Sequence[str], lowerings: Sequence[str], shift_for: Sequence[str],
+             remat: str, image_size: int) -> List[Row]:
+    """Native convs for every variant; 'shift' as well for the variants in ``shift_for``."""
+    rows = []
+    for chip in chips:
+        for variant in variants:
+            for lowering in lowerings:
+                if lowering == "native" or variant in shift_for:
+                    rows.append(Row(variant, chip, lowering, remat, image_size))
+    return rows
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=["t8", "sa12", "ma36"])
+    p.add_argument("--chips", nargs="+", default=["v5e", "v4"], choices=sorted(ONE_CHIP))
+    p.add_argument("--lowerings", nargs="+", default=["native", "shift"], choices=["native", "shift"])
+    p.add_argument("--shift_for", nargs="+", default=["t8"], help="variants also compiled with the 'shift' lowering")
+    p.add_argument("--remat", default="auto", help="the trainer's --remat (auto: its TPU default)")
+    p.add_argument("--image_size", type=int, default=256)
+    p.add_argument("--probe_batches", nargs=2, type=int, default=[16, 32], metavar=("B1", "B2"),
+                   help="per-chip batches the memory is extrapolated from")
+    p.add_argument("--results", default=DEFAULT_RESULTS, help="the cache of compiles (JSON)")
+    p.add_argument("--label", default=None, help="code label of the cache entries (default: git tree of fastvit_jax/)")
+    p.add_argument("--timeout_s", type=float, default=4 * 3600, help="per compile")
+    p.add_argument("--table", action="store_true", help="print the table from the cache only, compile nothing")
+    p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args._one:
+        _one(json.loads(args._one))
+        return 0
+    label = args.label or code_label()
+    runner = Runner(args.results, label, args.timeout_s, dry_run=args.table)
+    rows = rows_for(args.variants, args.chips, args.lowerings, args.shift_for, args.remat, args.image_size)
+    summaries = []
+    for row in rows:
+        try:
+            summaries.append(largest_batch(runner, row, args.probe_batches))
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            print(f"error: {e}", file=sys.stderr)
+            summaries.append({"row": row, "missing": True})
+    print(f"\nTraining step per chip at {args.image_size} px, code {label} (ESTIMATES from the compiled programs, "
+          f"not measurements):\n")
+    print(table(summaries))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
