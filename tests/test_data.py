@@ -18,13 +18,15 @@ import tensorflow_datasets as tfds  # noqa: E402
 
 from fastvit_jax.data import randaugment as ra
 from fastvit_jax.data.demo import (CLASS_NAMES, DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, demo_builder,
-                                   generate_split, make_fake_imagenet, prepare_demo)
+                                   generate_split, prepare_demo)
 from fastvit_jax.data.pipeline import (IMAGENET_MEAN, IMAGENET_STD, DatasetNotFoundError,
                                        _process_split, _read_split, dataset_info, device_prefetch,
                                        eval_image_size, get_builder, make_eval_dataset, make_train_dataset,
                                        train_preprocess)
 from fastvit_jax.training.config import get_config
 from fastvit_jax.training.trainer import train_augment
+
+from fake_imagenet import make_fake_imagenet  # noqa: E402  (tests/ is on sys.path)
 
 tfds.disable_progress_bar()
 

@@ -182,7 +182,7 @@ def val_jpegs(tmp_path_factory):
     """Fake ImageNet (the real imagenet2012 builder) and its validation JPEGs as files."""
     import tarfile
 
-    from fastvit_jax.data.demo import make_fake_imagenet
+    from fake_imagenet import make_fake_imagenet
 
     root = tmp_path_factory.mktemp("imagenet")
     data_dir, manual = str(root / "tfds"), str(root / "manual")

@@ -55,7 +55,7 @@ def _shared_dir(tmp_path_factory, name):
 
 def _fake_imagenet(tmp_path_factory, name: str, per_class: int) -> str:
     """A prepared tiny imagenet2012 (4 classes x per_class train JPEGs, 8 val), built once per session."""
-    from fastvit_jax.data.demo import make_fake_imagenet
+    from fake_imagenet import make_fake_imagenet
 
     with _shared_dir(tmp_path_factory, name) as d:
         if not (d / "done").exists():
