@@ -131,7 +131,7 @@ def configure_logging() -> None:
         sys.unraisablehook = drop_abandoned_read_callbacks(sys.unraisablehook)
 
 
-def run(make_config, *, model_fn=None, step_callback=None) -> int:
+def run(make_config, *, model_fn=None) -> int:
     """Builds the config, trains (or evaluates) and reports; returns the exit status.
 
     0: done or stopped by SIGTERM / one Ctrl-C (checkpoint saved); 130: a second Ctrl-C (one line); 2: a problem the user can fix (bad flag,
@@ -140,7 +140,7 @@ def run(make_config, *, model_fn=None, step_callback=None) -> int:
     (a barrier timed out, process 0 failed to prepare the data; a lost peer exits with 4 from
     the trainer's watchdog). ``make_config()`` runs inside the error handling, so a
     bad flag is reported like the rest. ``model_fn`` goes to ``train_and_evaluate`` and
-    ``evaluate_checkpoint``, ``step_callback`` to ``train_and_evaluate`` (None: their defaults).
+    ``evaluate_checkpoint`` (None: their default, ``fastvit_jax.create_model``).
     """
     from fastvit_jax.data.demo import DatasetPreparationError
     from fastvit_jax.data.pipeline import DatasetNotFoundError
@@ -168,8 +168,7 @@ def run(make_config, *, model_fn=None, step_callback=None) -> int:
             m = evaluate_checkpoint(config, **model_kwargs)
             print(json.dumps({k: round(v, 6) for k, v in m.items()}, indent=2))
             return 0
-        callback_kwargs = {"step_callback": step_callback} if step_callback is not None else {}
-        res = train_and_evaluate(config, **model_kwargs, **callback_kwargs)
+        res = train_and_evaluate(config, **model_kwargs)
     except (DatasetNotFoundError, ConfigMismatchError, CheckpointError, WriteError, DatasetPreparationError,
             WorkdirLockedError, ValueError, FileNotFoundError) as e:
         return fail(str(e))

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from fastvit_jax.training.trainer import train_and_evaluate
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from test_training_helpers import create_tiny_model
+    from test_training_helpers import after_each_step, create_tiny_model
 
     if args.feed_global_batches:
         feed_global_batches(2)
@@ -70,13 +70,14 @@ def main(argv=None) -> int:
         reprob=0.0, color_jitter=0.0, rrc_scale=(0.5, 1.0), checkpoint_every=args.checkpoint_every, log_every=1,
         eval_every=0, eval_batch_size=64, ema_decay=0.9, progress=False, distributed_timeout=args.distributed_timeout)
 
-    def pause(step, metrics):
+    def pause(step):
         if step == args.pause_after_step:
             print(f"paused after step {step}", flush=True)
             time.sleep(3600)
 
     try:
-        result = train_and_evaluate(config, model_fn=create_tiny_model, step_callback=pause)
+        with after_each_step(pause):
+            result = train_and_evaluate(config, model_fn=create_tiny_model)
     except multihost.MultihostError as e:
         print(f"error: {e}", file=sys.stderr)
         return multihost.EXIT_PEER_LOST

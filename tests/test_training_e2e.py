@@ -26,7 +26,7 @@ from fastvit_jax.training.config import ConfigMismatchError, get_config
 from fastvit_jax.training.evaluate import evaluate_checkpoint
 from fastvit_jax.training.metrics import read_metrics
 
-from test_training_helpers import TinyNet, create_tiny_model  # noqa: E402  (tests/ is on sys.path)
+from test_training_helpers import TinyNet, after_each_step, create_tiny_model  # noqa: E402  (tests/ is on sys.path)
 
 pytestmark = pytest.mark.xdist_group("training_e2e")  # one worker if honoured; see _shared_dir
 
@@ -104,13 +104,14 @@ def runs(data_dir, tmp_path_factory):
         if not path.exists():
             full = trainer.train_and_evaluate(_config(data_dir, d / "full"))
 
-            def crash_at_7(step, metrics):
+            def crash_at_7(step):
                 if step == 7:
                     raise _Crash()
 
             cfg = _config(data_dir, d / "resume")
             try:
-                trainer.train_and_evaluate(cfg, step_callback=crash_at_7)
+                with after_each_step(crash_at_7):
+                    trainer.train_and_evaluate(cfg)
                 raise AssertionError("the crash callback did not fire")
             except _Crash:
                 pass
@@ -209,11 +210,12 @@ def test_sigterm_saves_and_stops(data_dir, tmp_path):
     cfg = _config(data_dir, tmp_path / "wd", checkpoint_every=100)
     handler = signal.getsignal(signal.SIGTERM)
 
-    def term_at_3(step, metrics):
+    def term_at_3(step):
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler sets a flag
 
-    res = trainer.train_and_evaluate(cfg, model_fn=create_tiny_model, step_callback=term_at_3)
+    with after_each_step(term_at_3):
+        res = trainer.train_and_evaluate(cfg, model_fn=create_tiny_model)
     assert res.preempted and res.final_step == 3 and res.eval is None
     assert sorted(int(n) for n in os.listdir(tmp_path / "wd" / "checkpoints") if n.isdigit()) == [3]
     assert signal.getsignal(signal.SIGTERM) == handler  # the trainer's handler is gone
@@ -243,12 +245,12 @@ def test_bad_flags_are_refused_before_the_workdir_is_touched(data_dir, tmp_path)
 
 
 def test_a_failed_first_attempt_does_not_lock_the_workdir(data_dir, tmp_path):
-    def crash_at_1(step, metrics):
+    def crash_at_1(step):
         raise _Crash()
 
     cfg = _config(data_dir, tmp_path / "wd", num_steps=2, checkpoint_every=100, export=False, plot=False)
-    with pytest.raises(_Crash):
-        trainer.train_and_evaluate(cfg, model_fn=create_tiny_model, step_callback=crash_at_1)
+    with pytest.raises(_Crash), after_each_step(crash_at_1):
+        trainer.train_and_evaluate(cfg, model_fn=create_tiny_model)
     assert not (tmp_path / "wd" / "config.json").exists()
     res = trainer.train_and_evaluate(cfg.replace(lr=1e-3, seed=3), model_fn=create_tiny_model)  # not refused
     assert res.final_step == 2 and json.load(open(tmp_path / "wd" / "config.json"))["seed"] == 3

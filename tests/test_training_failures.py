@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from test_training_e2e import _config, _fake_imagenet  # noqa: E402  (tests/ is on sys.path)
+from test_training_helpers import after_each_step  # noqa: E402
 from tmpfs import cli_env, run_with_tmpfs, tmpfs_unavailable  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,14 +169,14 @@ def test_a_corrupt_newest_checkpoint_does_not_block_resume_or_eval_only(data_dir
     assert not [n for n in os.listdir(wd / "checkpoints") if n.isdigit()]
 
 
-def _run_cli(config, capsys, **run_kwargs):
+def _run_cli(config, capsys):
     """train_tpu.run in this process on the tiny model: (exit status, stdout, the stderr 'error:' lines
     plus, after a failure, the whole stderr)."""
     import train_tpu
     from test_training_helpers import create_tiny_model  # noqa: E402
 
     capsys.readouterr()
-    status = train_tpu.run(lambda: config, model_fn=create_tiny_model, **run_kwargs)
+    status = train_tpu.run(lambda: config, model_fn=create_tiny_model)
     out, err = capsys.readouterr()
     assert "Traceback" not in err, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
@@ -301,19 +302,21 @@ def test_ctrl_c_saves_and_stops_a_second_one_aborts(data_dir, tmp_path, capsys, 
     handlers = {s: signal.getsignal(s) for s in preemption.STOP_SIGNALS}
 
     def ctrl_c_at(step, times):
-        def callback(s, metrics):
+        def callback(s):
             if s == step:
                 for _ in range(times):
                     os.kill(os.getpid(), signal.SIGINT)
-        return callback
+        return after_each_step(callback)
 
-    status, out, _ = _run_cli(train, capsys, step_callback=ctrl_c_at(3, 1))
+    with ctrl_c_at(3, 1):
+        status, out, _ = _run_cli(train, capsys)
     assert status == 0 and "stopped at step 3" in out
     assert _checkpoint_steps(wd) == [3]
     assert {s: signal.getsignal(s) for s in preemption.STOP_SIGNALS} == handlers
 
     monkeypatch.setattr(preemption, "FORCE_AFTER_S", 0.0)
-    status, _, errors = _run_cli(train, capsys, step_callback=ctrl_c_at(5, 2))
+    with ctrl_c_at(5, 2):
+        status, _, errors = _run_cli(train, capsys)
     assert status == 130 and len(errors) == 2, errors
     assert errors[0].startswith("error: interrupted: nothing was saved after") and "rerun the same command" in errors[0]
     assert _checkpoint_steps(wd) == [3]

@@ -4,7 +4,8 @@ Leaves: conv ``kernel``/``bias``, BatchNorm ``scale``/``bias`` (+ ``mean``/``var
 batch_stats), a (C,) layer scale ``gamma``, classifier at ``params['head']['fc']``.
 """
 
-from typing import Any
+import contextlib
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -55,3 +56,27 @@ def create_tiny_model(variant="t8", *, num_classes=1000, inference_mode=False, d
                       dtype=jnp.float32, remat="none"):
     return TinyNet(num_classes=num_classes, drop_path_rate=drop_path_rate, dtype=dtype,
                    inference_mode=inference_mode, width=TINY_WIDTHS.get(variant, 16))
+
+
+@contextlib.contextmanager
+def after_each_step(fn: Callable[[int], None]):
+    """Calls ``fn(step)`` after each train step of ``train_and_evaluate``, where the step's metrics
+    are written and before its checkpoint (to crash, signal or pause a run at a given step).
+
+    Patches ``TrainLog.flush``, which the trainer calls after every step when ``log_every=1`` (the
+    tests' setting); a step flushed twice (before an evaluation) calls ``fn`` once."""
+    from fastvit_jax.training import trainer
+
+    flush, seen = trainer.TrainLog.flush, set()
+
+    def flush_then_call(self, step):
+        flush(self, step)
+        if step not in seen:
+            seen.add(step)
+            fn(step)
+
+    trainer.TrainLog.flush = flush_then_call
+    try:
+        yield
+    finally:
+        trainer.TrainLog.flush = flush

@@ -9,6 +9,7 @@ on a small tmpfs). Exits with ``run``'s status.
 """
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_tpu  # noqa: E402
 from fastvit_jax.training.config import get_config  # noqa: E402
-from test_training_helpers import create_tiny_model  # noqa: E402
+from test_training_helpers import after_each_step, create_tiny_model  # noqa: E402
 
 
 def fill_disk(path: str, leave_free: int) -> None:
@@ -51,7 +52,7 @@ def main() -> int:
         overrides = json.load(f)
     train_tpu.configure_logging()
 
-    def step_callback(step, metrics):
+    def fill_disk_at(step):
         if step == args.fill_disk_after:
             checkpoints = os.path.join(overrides["workdir"], "checkpoints")
             deadline = time.time() + 120
@@ -61,8 +62,8 @@ def main() -> int:
                 time.sleep(0.05)
             fill_disk(os.path.join(overrides["workdir"], "filler"), args.leave_free)
 
-    return train_tpu.run(lambda: get_config("t8", **overrides), model_fn=create_tiny_model,
-                         step_callback=step_callback if args.fill_disk_after else None)
+    with after_each_step(fill_disk_at) if args.fill_disk_after else contextlib.nullcontext():
+        return train_tpu.run(lambda: get_config("t8", **overrides), model_fn=create_tiny_model)
 
 
 if __name__ == "__main__":

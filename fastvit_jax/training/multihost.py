@@ -224,11 +224,9 @@ class PeerWatchdog:
     marks itself done, so the others do not wait for it.
     """
 
-    def __init__(self, timeout_s: float, resume_hint: Callable[[], str] = lambda: "",
-                 exit_fn: Callable[[int], None] = os._exit):
+    def __init__(self, timeout_s: float, resume_hint: Callable[[], str] = lambda: ""):
         self.timeout_s = float(timeout_s)
         self.resume_hint = resume_hint
-        self.exit_fn = exit_fn
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -284,4 +282,4 @@ class PeerWatchdog:
 
     def _lost(self, process: int, silent_s: float) -> None:
         print(self.lost_message(process, silent_s), file=sys.stderr, flush=True)
-        self.exit_fn(EXIT_PEER_LOST)
+        os._exit(EXIT_PEER_LOST)  # not sys.exit: the main thread may be blocked in a collective

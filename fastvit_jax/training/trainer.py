@@ -45,8 +45,6 @@ from fastvit_jax.training.workdir_lock import WorkdirLock
 
 log = logging.getLogger("fastvit_jax.training")
 
-StepCallback = Callable[[int, Dict[str, Any]], None]
-
 
 class NonFiniteLossError(FloatingPointError):
     """The loss (or gradient norm) became NaN/Inf; carries the step number."""
@@ -237,12 +235,11 @@ def _resume_hint(workdir: str) -> Callable[[], str]:
     return hint
 
 
-def train_and_evaluate(config: TrainConfig, *, model_fn: Callable[..., nn.Module] = fastvit_jax.create_model,
-                       step_callback: Optional[StepCallback] = None) -> TrainResult:
+def train_and_evaluate(config: TrainConfig, *,
+                       model_fn: Callable[..., nn.Module] = fastvit_jax.create_model) -> TrainResult:
     """Trains (resuming from ``<workdir>/checkpoints`` if present), evaluates and exports.
 
     ``model_fn(variant, *, num_classes, drop_path_rate, dtype, remat)`` builds the linen model.
-    ``step_callback(step, device_metrics)`` runs after every step (tests use it to crash a run).
     With several processes, a peer that stops responding for --distributed_timeout seconds
     ends this process with status ``multihost.EXIT_PEER_LOST`` and a message naming it.
     """
@@ -251,7 +248,7 @@ def train_and_evaluate(config: TrainConfig, *, model_fn: Callable[..., nn.Module
     try:
         with contextlib.ExitStack() as held, multihost.PeerWatchdog(config.distributed_timeout,
                                                                     _resume_hint(config.workdir)):
-            return _train_and_evaluate(config, model_fn, step_callback, held)
+            return _train_and_evaluate(config, model_fn, held)
     except BaseException:
         if new_workdir:
             remove_if_nothing_written(config.workdir)
@@ -270,7 +267,7 @@ def remove_if_nothing_written(workdir: str) -> None:
 
 
 def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
-                        step_callback: Optional[StepCallback], held: contextlib.ExitStack) -> TrainResult:
+                        held: contextlib.ExitStack) -> TrainResult:
     from fastvit_jax.data.pipeline import device_prefetch, make_train_dataset, named_read_errors
 
     t_start = time.perf_counter()
@@ -367,8 +364,6 @@ def _train_and_evaluate(config: TrainConfig, model_fn: Callable[..., nn.Module],
             train_log.add(step, metrics)
             if step % config.log_every == 0:
                 train_log.flush(step)
-            if step_callback is not None:
-                step_callback(step, metrics)
             if step % config.checkpoint_every == 0 or step == plan.total_steps:
                 save(step)
             # Several processes: agreeing on the flag is a collective, so only every log_every steps.
