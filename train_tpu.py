@@ -32,6 +32,7 @@ import os
 import sys
 
 
+
 def build_parser() -> argparse.ArgumentParser:
     from fastvit_jax.training.flags import add_config_flags
 
@@ -80,6 +81,9 @@ def main(argv=None) -> int:
 
     host_memory.keep_freed_host_memory(args.host_malloc)
     configure_logging()
+    from fastvit_jax.quiet import quiet_native_logs
+
+    quiet_native_logs()
 
     # Multi-host: must run before anything touches the JAX backend.
     from fastvit_jax.training.config import TrainConfig

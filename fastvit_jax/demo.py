@@ -19,9 +19,9 @@ import os
 _flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
           if not f.startswith("--xla_force_host_platform_device_count")]
 os.environ["XLA_FLAGS"] = " ".join(_flags + ["--xla_force_host_platform_device_count=8"])
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from fastvit_jax import host_memory  # noqa: E402  (imports neither JAX nor PyTorch)
+from fastvit_jax.quiet import quiet_native_logs  # noqa: E402
 
 host_memory.keep_freed_host_memory()  # before JAX starts its threads
 
@@ -46,6 +46,7 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    quiet_native_logs()
     t0 = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache", "orbax", "tensorflow"):

@@ -35,7 +35,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from fastvit_jax.quiet import quiet_native_logs
+
 
 FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
 ONNX_OPSET = 18
@@ -232,6 +233,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    quiet_native_logs()
     from fastvit_jax.io import WriteError
     from fastvit_jax.weights.state_dict import ConversionError
 

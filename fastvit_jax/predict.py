@@ -20,8 +20,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+from fastvit_jax.quiet import quiet_native_logs
 from fastvit_jax.transforms import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS  # noqa: E402  (pure numpy)
 
 _CLASS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_classes.tsv")
@@ -96,6 +95,7 @@ def top_k(logits, k: int, names: Optional[List[str]]) -> List[Dict[str, object]]
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    quiet_native_logs()
     import jax
     import numpy as np
 
