@@ -32,6 +32,7 @@ def _runtime_calls(variant: str, batch: int, image_size: int, workdir: str) -> D
     import fastvit_jax
     import torch_ref
     from fastvit_jax import export
+    from fastvit_jax.compare import relative_error
 
     fused_torch = torch_ref.reparameterize_model(common.torch_model(variant)).eval()
     variables = common.flax_variables_from_torch(fused_torch)
@@ -68,7 +69,7 @@ def _runtime_calls(variant: str, batch: int, image_size: int, workdir: str) -> D
         "torch_cl": lambda: common.torch_infer(torch_cl, x_cl),
     }
     reference = np.asarray(calls["jax"]())
-    deviation = {name: export.relative_error(np.asarray(fn()), reference) for name, fn in calls.items()}
+    deviation = {name: relative_error(np.asarray(fn()), reference) for name, fn in calls.items()}
     return {"calls": calls, "deviation": deviation}
 
 

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from benchmarks import common
+from fastvit_jax.compare import relative_error
 
 IMPLS_EAGER = ("torch_nchw", "torch_cl")
 
@@ -166,7 +167,7 @@ def run_inference(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int] 
                 if check:
                     yj = np.asarray(compiled(v, xj), np.float64)
                     yt = fns[f"torch_cl/{form}"]().float().cpu().numpy().astype(np.float64)
-                    meta[f"jax/{form}"]["max_rel_err_vs_torch"] = float(np.abs(yj - yt).max() / np.abs(yt).max())
+                    meta[f"jax/{form}"]["max_rel_err_vs_torch"] = relative_error(yj, yt)
                 if form == "fused":
                     import jax
 

@@ -58,7 +58,8 @@ def check_variant(variant: str, image_size: int = 128, batch: int = 2) -> Dict[s
     import fastvit_jax
     import torch_ref
     from convert.core import convert_state_dict
-    from torch_ref.testing import make_nontrivial, relative_error
+    from fastvit_jax.compare import relative_error
+    from torch_ref.testing import make_nontrivial
 
     t0 = time.perf_counter()
     res: Dict[str, Any] = {"variant": variant, "checks": {}}

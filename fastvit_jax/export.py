@@ -35,6 +35,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
+from fastvit_jax.compare import relative_error
 from fastvit_jax.quiet import quiet_native_logs
 
 
@@ -162,10 +163,6 @@ def jax_to_numpy(tree: Any) -> Any:
     import jax
 
     return jax.tree.map(np.asarray, tree)
-
-
-def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(out.astype(np.float64) - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
 def export(checkpoint: str, output: str, *, fmt: Optional[str] = None, image_size: Optional[int] = None,

@@ -10,6 +10,7 @@ import torch
 
 import fastvit_jax
 import torch_ref
+from fastvit_jax.compare import relative_error
 from torch_ref.testing import make_nontrivial
 
 SMALL = ("t8", "t12", "s12", "sa12")
@@ -63,7 +64,7 @@ def torch_references(model: torch.nn.Module, fused: torch.nn.Module, shape, seed
 
 def assert_parity(out: np.ndarray, ref: np.ndarray, tol: float = 1e-5, what: str = "") -> float:
     """max |out - ref| / max |ref| <= tol and identical top-1; returns the error."""
-    err = float(np.abs(out.astype(np.float64) - ref).max() / np.abs(ref).max())
+    err = relative_error(out, ref)
     assert err <= tol, f"{what}: relative error {err:.2e} > {tol:.0e}"
     assert (out.argmax(-1) == ref.argmax(-1)).all(), f"{what}: top-1 differs"
     return err

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 import fastvit_jax
 import torch_ref
 from fastvit_jax import export
+from fastvit_jax.compare import relative_error
 from helpers import torch_fused, torch_logits, torch_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +69,7 @@ def test_runtime_logits_match_jax_and_torch(tmp_path_factory, variant, fmt):
     ref = torch_logits(torch_fused(variant), x.transpose(0, 3, 1, 2))
     assert np.abs(ref - torch_logits(torch_fused(variant), -x.transpose(0, 3, 1, 2))).max() > 0.05 * np.abs(ref).max()
     for name, expected in (("JAX", jax_logits), ("torch_ref", ref)):
-        error = export.relative_error(got, expected)
+        error = relative_error(got, expected)
         print(f"{variant} {fmt} vs {name}: {error:.2e}")
         assert error <= 1e-4, f"{variant} {fmt} vs {name}: {error:.2e}"
         assert (got.argmax(-1) == expected.argmax(-1)).all()

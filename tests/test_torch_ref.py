@@ -7,7 +7,8 @@ import torch
 
 import torch_ref
 from fastvit_jax.variants import OFFICIAL_PARAM_COUNTS, VARIANTS
-from torch_ref.testing import make_nontrivial, relative_error
+from fastvit_jax.compare import relative_error
+from torch_ref.testing import make_nontrivial
 
 # State-dict sizes of Apple's/timm's train form (BN buffers included).
 STATE_DICT_KEYS = {"t8": 462, "t12": 530, "s12": 530, "sa12": 504, "sa24": 884, "sa36": 1264, "ma36": 1264}

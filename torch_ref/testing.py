@@ -43,8 +43,3 @@ def make_nontrivial(model: nn.Module, seed: int = 0, image_size: int | tuple = 1
             m.momentum = mom
     return model.eval()
 
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|."""
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
