@@ -45,10 +45,14 @@ _APPLE_TO_TIMM = (
     ("conv_exp", "final_conv"),
     ("lkb_origin", "large_conv"),
     ("lkb_reparam", "reparam_conv"),
-    ("convffn", "mlp"),
+    (".convffn.", ".mlp."),
     ("se.reduce", "se.fc1"),
     ("se.expand", "se.fc2"),
 )
+# timm -> Apple: the same renames inverted, except two that are not one-to-one both ways: the
+# stem is a prefix, and timm's reparam_conv is Apple's lkb_reparam only in a downsample's large kernel.
+_NOT_INVERTIBLE = (("patch_embed.", "stem."), ("lkb_reparam", "reparam_conv"))
+_TIMM_TO_APPLE = tuple((new, old) for old, new in reversed(_APPLE_TO_TIMM) if (old, new) not in _NOT_INVERTIBLE)
 _LAYER_SCALE = re.compile(r"(layer_scale(?:_[12])?)$")
 _NETWORK = re.compile(r"^network\.(\d+)\.(.*)$")
 
@@ -131,9 +135,7 @@ def timm_key_to_apple(key: str, cfg: VariantConfig) -> str:
     if key.startswith("stem."):
         key = "patch_embed." + key[len("stem."):]
     key = re.sub(r"\.gamma$", "", key) if re.search(r"layer_scale(_[12])?\.gamma$", key) else key
-    for old, new in (("conv_kxk", "rbr_conv"), ("conv_scale", "rbr_scale"), ("identity", "rbr_skip"),
-                     ("final_conv", "conv_exp"), ("large_conv", "lkb_origin"), (".mlp.", ".convffn."),
-                     ("se.fc1", "se.reduce"), ("se.fc2", "se.expand")):
+    for old, new in _TIMM_TO_APPLE:
         key = key.replace(old, new)
     key = re.sub(r"(network\.\d+\.proj\.0)\.reparam_conv", r"\1.lkb_reparam", key)
     if key.startswith("head.fc."):
