@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
+
+from fastvit_jax.training.logs import configure_logging
 
 
 
@@ -119,20 +120,6 @@ def compile_only_main(args: argparse.Namespace) -> int:
         return 2
     print(describe(report) + f"\n  report: {path}")
     return 0
-
-
-def configure_logging() -> None:
-    """INFO from this project, warnings from the libraries; without FASTVIT_DEBUG, the tracebacks of
-    orbax's failed background writes and abandoned reads are dropped (the trainer reports the error)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache", "orbax", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not os.environ.get("FASTVIT_DEBUG"):  # errors the trainer reports as one line, not as tracebacks
-        from fastvit_jax.training.checkpoint import OrbaxThreadErrors, drop_abandoned_read_callbacks
-
-        for name in ("absl", "asyncio"):
-            logging.getLogger(name).addFilter(OrbaxThreadErrors())
-        sys.unraisablehook = drop_abandoned_read_callbacks(sys.unraisablehook)
 
 
 def run(make_config, *, model_fn=None) -> int:

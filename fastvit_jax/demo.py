@@ -16,9 +16,9 @@ Usage: python -m fastvit_jax.demo [--workdir demo_out] [--steps 120] [--image_si
 
 import os
 
-_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-          if not f.startswith("--xla_force_host_platform_device_count")]
-os.environ["XLA_FLAGS"] = " ".join(_flags + ["--xla_force_host_platform_device_count=8"])
+from fastvit_jax.launch import with_device_count  # noqa: E402  (imports neither JAX nor TensorFlow)
+
+os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), 8)
 
 from fastvit_jax import host_memory  # noqa: E402  (imports neither JAX nor PyTorch)
 from fastvit_jax.quiet import quiet_native_logs  # noqa: E402
@@ -26,7 +26,6 @@ from fastvit_jax.quiet import quiet_native_logs  # noqa: E402
 host_memory.keep_freed_host_memory()  # before JAX starts its threads
 
 import argparse  # noqa: E402
-import logging  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -48,9 +47,9 @@ def main(argv=None) -> int:
     args = _parse(argv)
     quiet_native_logs()
     t0 = time.perf_counter()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache", "orbax", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from fastvit_jax.training.logs import configure_logging
+
+    configure_logging()
 
     import jax
     import jax.numpy as jnp

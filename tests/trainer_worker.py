@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_tpu  # noqa: E402
 from fastvit_jax.training.config import get_config  # noqa: E402
+from fastvit_jax.training.logs import configure_logging  # noqa: E402
 from test_training_helpers import after_each_step, create_tiny_model  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def main() -> int:
     args = parser.parse_args()
     with open(args.config) as f:
         overrides = json.load(f)
-    train_tpu.configure_logging()
+    configure_logging()
 
     def fill_disk_at(step):
         if step == args.fill_disk_after:

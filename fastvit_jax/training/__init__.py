@@ -13,11 +13,15 @@ Modules (flat, small, pure where possible):
   ema            EMA of params and batch_stats
   state          TrainState pytree, fresh variables
   steps          the train step and the eval step
+  programs       the jitted train/eval steps, the state's shardings and abstract inputs (trainer, aot)
+  aot            --compile_only: the steps compiled for a TPU slice from this host, memory/roofline report
   checkpoint     orbax CheckpointManager wrapper (async, keep-N, sharded restore, eval-only partial restore)
   compile_cache  the persistent compilation cache
   preemption     SIGTERM / Ctrl-C as a flag the trainer polls
+  workdir_lock   one trainer per workdir
   pretrained     load_weights_file (--init_from / --eval_only), merge_pretrained, export_fused
   evaluate       run_eval, evaluate_checkpoint (--eval_only)
+  logs           the entry points' logging set-up
   metrics        metrics.jsonl, TensorBoard scalars, curves.png
   trainer        train_and_evaluate(config, model_fn=...) -> TrainResult
 
