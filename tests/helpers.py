@@ -70,6 +70,20 @@ def assert_parity(out: np.ndarray, ref: np.ndarray, tol: float = 1e-5, what: str
     return err
 
 
+def assert_tf_forward_parity(variant: str, fused: torch.nn.Module, fused_variables, size: int = 64) -> float:
+    """The TensorFlow forward behind the TFLite export (``fastvit_jax.tf_forward``), run eagerly on
+    ``fused_variables``, against the fused torch model: max |d| / max |logit| <= 1e-4, same top-1."""
+    import tensorflow as tf
+
+    from fastvit_jax.tf_forward import forward
+    from fastvit_jax.variants import get_variant
+
+    x = images((3, 3, size, size), seed=5)
+    ref = torch_logits(fused, x)
+    got = forward(tf.constant(x.transpose(0, 2, 3, 1)), fused_variables, get_variant(variant)).numpy()
+    return assert_parity(got, ref, tol=1e-4, what=f"{variant}@{size} tf_forward")
+
+
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute")
 
 

@@ -17,6 +17,7 @@ from fastvit_jax.weights.layouts import timm_to_apple
 from fastvit_jax.variants import VARIANTS, get_variant
 from helpers import (
     assert_parity,
+    assert_tf_forward_parity,
     images,
     jax_logits,
     torch_fused,
@@ -69,6 +70,8 @@ def test_parity_all_paths(variant):
         rebuilt.load_state_dict(back_sd, strict=True)
         x = images((1, 3, 128, 128), seed=5)
         assert_parity(torch_logits(rebuilt.eval(), x), torch_logits(model, x), what=f"{variant} flax->torch ({form})")
+    # The TFLite export's TensorFlow forward (run eagerly; no conversion needed to check it).
+    assert_tf_forward_parity(variant, fused, ours_fused.variables)
 
 
 def _flat(tree, prefix=""):

@@ -37,6 +37,7 @@ from fastvit_jax.weights.layouts import timm_to_apple
 from fastvit_jax.weights.state_dict import count_params
 from helpers import (
     assert_parity,
+    assert_tf_forward_parity,
     images,
     jax_logits,
     torch_fused,
@@ -166,6 +167,8 @@ def test_parity_all_paths(variant, sizes):
         for name, out in outs.items():
             assert_parity(out, ref, what=f"{where} {name}")
         assert_parity(outs["timm unfused -> jax-fused"], outs["timm unfused"], what=f"{where} jax fused vs unfused")
+    # The TFLite export's TensorFlow forward: LayerNorm, squeeze-excite and the fifth stage (mci3/mci4).
+    assert_tf_forward_parity(variant, fused, conversions["timm fused"][0].variables)
 
 
 @pytest.mark.parametrize("variant", [pytest.param("mci0", marks=pytest.mark.xdist_group("mci0")),
