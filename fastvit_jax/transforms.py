@@ -51,15 +51,16 @@ def check_image_size(width: int, height: int, max_pixels: int = MAX_IMAGE_PIXELS
                              f"{max_aspect_ratio:g}:1 allowed (--max_aspect_ratio)")
 
 
-def _header_size(data: bytes) -> tuple:
-    """(width, height) from an encoded image's header, without decoding its pixels."""
+def _header_size(data: "bytes | str") -> tuple:
+    """(width, height) from an encoded image's header (bytes, or a path: only the header is read),
+    without decoding its pixels."""
     import io
 
     from PIL import Image, UnidentifiedImageError
 
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # only the header is read: our own check follows
     try:
-        with Image.open(io.BytesIO(data)) as header:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as header:
             return header.size
     except UnidentifiedImageError:
         raise ImageReadError("cannot decode the image: not a JPEG, PNG, GIF, BMP or WebP file") from None
@@ -79,6 +80,7 @@ def _decoded(image: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS, max_aspect_r
         path = os.fspath(image)
         if not os.path.isfile(path):
             raise ImageReadError("no such image file")
+        check_image_size(*_header_size(path), max_pixels, max_aspect_ratio)  # before the file is read
         with open(path, "rb") as f:
             image = f.read()
     if isinstance(image, bytes):

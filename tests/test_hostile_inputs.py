@@ -61,6 +61,22 @@ def test_decompression_bombs_are_refused_from_the_header(tmp_path, t8_file, caps
     assert str(ok) in captured.out
 
 
+def test_a_huge_file_that_is_not_an_image_is_refused_without_reading_it(tmp_path):
+    import tracemalloc
+
+    huge = tmp_path / "huge.jpg"
+    with open(huge, "wb") as f:
+        f.truncate(2 << 30)  # 2 GiB of zeros (sparse: nothing written)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageReadError, match="not a JPEG, PNG, GIF, BMP or WebP file"):
+            eval_transform(fastvit_jax.pretrained_cfg("t8"))(str(huge))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB allocated"
+
+
 def test_a_zip_claiming_far_more_than_it_holds_is_refused(tmp_path):
     path = tmp_path / "bomb.pth"
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
