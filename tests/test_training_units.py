@@ -423,6 +423,10 @@ def test_merge_pretrained_new_head_and_mismatch(tiny_variables):
                                                                  jnp.zeros((1, 16, 16, 3)), train=False))
     with pytest.raises(ValueError, match="wrong shape"):
         merge_pretrained(dict(fresh), dict(bad))
+    from fastvit_jax.weights.state_dict import ConversionError, describe_variables
+
+    with pytest.raises(ConversionError, match=r"holds no FastViT blocks \(no stages.<i>.blocks.<j>.\* keys"):
+        describe_variables(fresh)  # at once: not by tracing all twelve variants (50 s)
 
 
 def test_nonfinite_error_message():

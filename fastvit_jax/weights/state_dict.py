@@ -133,13 +133,16 @@ _BLOCK_KEY = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.")
 
 
 def _candidates(shapes: Mapping[str, Tuple[int, ...]]) -> List[str]:
-    """Variants whose blocks per stage equal those in the keys (all variants when none do)."""
+    """Variants whose blocks per stage equal those in the keys (all variants when none do; none
+    when the keys hold no FastViT block at all)."""
     depth: Dict[int, int] = {}
     for key in shapes:
         m = _BLOCK_KEY.match(key)
         if m:
             stage, block = int(m.group(1)), int(m.group(2))
             depth[stage] = max(depth.get(stage, 0), block + 1)
+    if not depth:
+        return []
     layers = tuple(depth.get(s, 0) for s in range(max(depth, default=-1) + 1))
     same = [v for v in ALL_VARIANTS if get_variant(v).layers == layers]
     return same or list(ALL_VARIANTS)
@@ -162,6 +165,9 @@ def detect_variant(shapes: Mapping[str, Tuple[int, ...]], fused: bool, variant: 
     names = _candidates(shapes)
     if want is not None and want not in names:
         names.append(want)
+    if not names:  # each variant's expected shapes take seconds to trace: not for a tree that has no blocks
+        raise ConversionError(f"checkpoint holds no FastViT blocks (no stages.<i>.blocks.<j>.* keys; {form} form, "
+                              f"e.g. {', '.join(list(shapes)[:3])})")
     results = {v: _compare(shapes, expected_shapes(v, fused, nc)) for v in names}
     exact = [v for v, r in results.items() if r.count == 0]
     if want is not None:
