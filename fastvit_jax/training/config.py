@@ -3,12 +3,13 @@
 The recipe lives in the field defaults of ``TrainConfig`` (what every variant shares)
 and in ``VARIANT_RECIPE`` (the two values that differ per variant). ``get_config(variant,
 **overrides)`` applies both and returns the full config; the command line, ``config.json``
-and the README use the same field names. Each field's help text is in its metadata, so
-``train_tpu.py --help`` is generated from here (``fastvit_jax/training/flags.py``).
+and the README use the same field names. Each field carries its rules in its metadata
+(``option``): its help text, so ``train_tpu.py --help`` is generated from here
+(``fastvit_jax/training/flags.py``), whether it must be positive, and what a restart may do with it.
 
-A workdir remembers its config (``config.json``). A restart may change only the fields in
-``RUN_LENGTH_FIELDS`` (to extend or shorten a run) and ``BOOKKEEPING_FIELDS`` (where
-and how often things are written); every other field, including any field added later (absent
+A workdir remembers its config (``config.json``). A restart may change only the fields marked
+``run_length`` (to extend or shorten a run) and ``bookkeeping`` (where and how often things are
+written); ``RUN_LENGTH_FIELDS`` and ``BOOKKEEPING_FIELDS`` list them. Every other field, including any field added later (absent
 from an older config.json, it counts as its default), must match, or the restart is refused with
 the differing fields named.
 """
@@ -64,14 +65,7 @@ MAX_WARMUP_FRACTION = 0.1
 RECIPE_EMA_DECAY = 0.9995
 MAX_EMA_HORIZON_FRACTION = 0.1
 
-# Fields a restart may change: the run's length ...
-RUN_LENGTH_FIELDS: Tuple[str, ...] = ("num_epochs", "num_steps", "cooldown_epochs")
-# ... and where / how often things are written, how the work is laid out on devices.
-BOOKKEEPING_FIELDS: Tuple[str, ...] = (
-    "data_dir", "workdir", "mesh", "fsdp_min_size", "checkpoint_every", "keep_checkpoints", "eval_every",
-    "eval_batch_size", "log_every", "init_from", "eval_only", "export", "plot", "progress",
-    "compilation_cache_dir", "distributed_timeout", "barrier_timeout", "restart_from_scratch", "remat",
-)
+RESTART_RULES = ("must_match", "run_length", "bookkeeping")
 
 
 class ConfigMismatchError(ValueError):
@@ -82,9 +76,18 @@ def _per_variant(field_name: str) -> str:
     return ", ".join(f"{v} {VARIANT_RECIPE[v][field_name]}" for v in ALL_VARIANTS)
 
 
-def option(default: Any, help: str, **extra: Any) -> Any:  # noqa: A002  (argparse's word)
-    """A dataclass field whose help text travels with it (to ``--help`` and the docs)."""
-    return dataclasses.field(default=default, metadata={"help": help, **extra})
+def option(default: Any, help: str, *, restart: str = "must_match", positive: bool = False,  # noqa: A002
+           **extra: Any) -> Any:
+    """A dataclass field whose help text and rules travel with it (to ``--help``, ``validate`` and the
+    restart check). ``restart``: what a restart in the same workdir may do with it: ``must_match``
+    (model, data, optimisation: the default, so a field added later is protected), ``run_length``
+    (may change to extend or shorten the run) or ``bookkeeping`` (where and how often things are
+    written, how the work is laid out). ``positive``: ``validate`` refuses a value <= 0 (None is allowed
+    where the field is optional)."""
+    if restart not in RESTART_RULES:
+        raise ValueError(f"restart={restart!r}; valid: {', '.join(RESTART_RULES)}")
+    return dataclasses.field(default=default, metadata={"help": help, "restart": restart, "positive": positive,
+                                                        **extra})
 
 
 @dataclasses.dataclass
@@ -99,8 +102,8 @@ class TrainConfig:
     dataset: str = option("imagenet2012", "tfds image-classification dataset; 'demo' for the embedded 10-class "
                                           "offline dataset; or a folder of images (a path, or folder:PATH) with "
                                           "train/ and val/ subfolders of one folder per class")
-    data_dir: Optional[str] = option(None, "tfds data_dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    workdir: str = option("workdir", "checkpoints, config.json, metrics.jsonl, tensorboard/, curves.png, export/")
+    data_dir: Optional[str] = option(None, "tfds data_dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)", restart="bookkeeping")
+    workdir: str = option("workdir", "checkpoints, config.json, metrics.jsonl, tensorboard/, curves.png, export/", restart="bookkeeping")
     num_classes: Optional[int] = option(None, "classifier size (default: the dataset's class count)")
     image_size: int = option(256, "train/eval resolution")
     crop_pct: Optional[float] = option(None, "eval centre-crop fraction (default: the variant's, 0.9 or 0.95)")
@@ -109,20 +112,20 @@ class TrainConfig:
     remat: str = option("auto", "what the backward recomputes instead of keeping, per block: none; elementwise "
                                 "(keep only conv/matmul outputs; recompute BatchNorm, GELU, layer scales); block "
                                 "(recompute whole blocks); auto = elementwise on TPU/GPU, none on CPU",
-                        choices=("auto", "none", "elementwise", "block"))
+                        choices=("auto", "none", "elementwise", "block"), restart="bookkeeping")
     # Length.
-    num_epochs: Optional[float] = option(300.0, "epochs of the cosine schedule; 'none' to let --num_steps set it")
+    num_epochs: Optional[float] = option(300.0, "epochs of the cosine schedule; 'none' to let --num_steps set it", restart="run_length", positive=True)
     num_steps: Optional[int] = option(None, "stop after this many steps; without --num_epochs it also sets "
-                                            "the schedule length")
+                                            "the schedule length", restart="run_length", positive=True)
     cooldown_epochs: float = option(10.0, "extra epochs at min_lr after the cosine (Apple's recipe: 10; "
-                                          "ignored when --num_epochs is none)")
-    global_batch_size: int = option(1024, "images per step over all devices")
+                                          "ignored when --num_epochs is none)", restart="run_length")
+    global_batch_size: int = option(1024, "images per step over all devices", positive=True)
     # Optimiser (AdamW) and schedule.
     lr: Optional[float] = option(None, "absolute peak learning rate (default: lr_base * global_batch_size / "
                                        "lr_base_size)")
     lr_base: float = option(1e-3, "peak learning rate at lr_base_size images per step, used when --lr is not "
                                   "given")
-    lr_base_size: int = option(1024, "the batch size lr_base refers to (linear scaling)")
+    lr_base_size: int = option(1024, "the batch size lr_base refers to (linear scaling)", positive=True)
     weight_decay: float = option(0.05, "AdamW decoupled decay on kernels and layer scales")
     adam_b1: float = option(0.9, "AdamW beta1 (torch.optim.AdamW's default, which Apple's run used)")
     adam_b2: float = option(0.999, "AdamW beta2 (torch.optim.AdamW's default)")
@@ -151,35 +154,35 @@ class TrainConfig:
     hflip: float = option(0.5, "horizontal-flip probability")
     # Parallelism.
     mesh: str = option("data:-1", "device mesh: 'data:-1' (data parallel) or 'data:-1,fsdp:4' (large "
-                                  "parameters sharded over 4 devices)")
-    fsdp_min_size: int = option(2**18, "tensors with fewer elements stay replicated under fsdp")
+                                  "parameters sharded over 4 devices)", restart="bookkeeping")
+    fsdp_min_size: int = option(2**18, "tensors with fewer elements stay replicated under fsdp", restart="bookkeeping")
     # Cadence and bookkeeping.
     seed: int = option(0, "seed of init, data order and augmentation")
-    checkpoint_every: int = option(1000, "steps between checkpoints (and one at the end)")
-    keep_checkpoints: int = option(3, "checkpoints kept")
+    checkpoint_every: int = option(1000, "steps between checkpoints (and one at the end)", restart="bookkeeping", positive=True)
+    keep_checkpoints: int = option(3, "checkpoints kept", restart="bookkeeping", positive=True)
     eval_every: Optional[int] = option(None, "steps between evaluations (default: every epoch, or every tenth of "
-                                             "a run shorter than 10 epochs); 0 = only at the end")
-    eval_batch_size: Optional[int] = option(None, "eval batch over all devices (default: --global_batch_size)")
-    log_every: int = option(50, "steps between metric records")
+                                             "a run shorter than 10 epochs); 0 = only at the end", restart="bookkeeping")
+    eval_batch_size: Optional[int] = option(None, "eval batch over all devices (default: --global_batch_size)", restart="bookkeeping")
+    log_every: int = option(50, "steps between metric records", restart="bookkeeping", positive=True)
     init_from: Optional[str] = option(None, "fine-tune from a .safetensors file (new head if num_classes "
-                                            "differs); with --eval_only also a fused export or a workdir")
+                                            "differs); with --eval_only also a fused export or a workdir", restart="bookkeeping")
     compilation_cache_dir: Optional[str] = option(
         None, "JAX persistent compilation cache, so restarts and --eval_only reuse the compiled step "
-              "(default $JAX_COMPILATION_CACHE_DIR or ~/.cache/fastvit_jax/jax; 'none' disables)")
+              "(default $JAX_COMPILATION_CACHE_DIR or ~/.cache/fastvit_jax/jax; 'none' disables)", restart="bookkeeping")
     distributed_timeout: float = option(
         300.0, "several processes: seconds without a heartbeat after which a peer counts as lost (the others then "
                "exit with status 4, naming it), and the longest wait to join the job or to shut down (JAX's own "
-               "heartbeat timeout is set to twice this)")
+               "heartbeat timeout is set to twice this)", restart="bookkeeping", positive=True)
     barrier_timeout: float = option(
         1800.0, "several processes: seconds a process waits for the others at a barrier (dataset prepared by "
-                "process 0, train / eval step compiled)")
-    eval_only: bool = option(False, "only evaluate --init_from (or the workdir's latest checkpoint)", flag=False)
-    export: bool = option(True, "write the fused export of the final EMA weights", flag=False)
-    plot: bool = option(True, "write curves.png", flag=False)
-    progress: bool = option(True, "show a tqdm progress bar", flag=False)
+                "process 0, train / eval step compiled)", restart="bookkeeping", positive=True)
+    eval_only: bool = option(False, "only evaluate --init_from (or the workdir's latest checkpoint)", flag=False, restart="bookkeeping")
+    export: bool = option(True, "write the fused export of the final EMA weights", flag=False, restart="bookkeeping")
+    plot: bool = option(True, "write curves.png", flag=False, restart="bookkeeping")
+    progress: bool = option(True, "show a tqdm progress bar", flag=False, restart="bookkeeping")
     restart_from_scratch: bool = option(
         False, "start again from step 0 in a workdir that has config.json or checkpoints moved aside as "
-               "unreadable but no readable checkpoint (refused without it; its metrics.jsonl is cleared)", flag=False)
+               "unreadable but no readable checkpoint (refused without it; its metrics.jsonl is cleared)", flag=False, restart="bookkeeping")
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -206,11 +209,7 @@ class TrainConfig:
         get_variant(self.variant)
         if self.num_epochs is None and self.num_steps is None:
             raise ValueError("set --num_epochs or --num_steps")
-        for name in ("global_batch_size", "checkpoint_every", "log_every", "lr_base_size", "keep_checkpoints",
-                     "distributed_timeout", "barrier_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
-        for name in ("num_steps", "num_epochs"):
+        for name in POSITIVE_FIELDS:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         check_image_size(self.image_size)
@@ -310,6 +309,15 @@ def read_workdir_config(workdir: str) -> Optional[Dict[str, Any]]:
 
 
 # What the checkpoints of a workdir depend on: --eval_only on a workdir must agree on these.
+def _fields_where(key: str, value: Any) -> Tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata[key] == value)
+
+
+# From the fields' metadata (``option(restart=..., positive=...)``): what a restart may change ...
+RUN_LENGTH_FIELDS: Tuple[str, ...] = _fields_where("restart", "run_length")
+BOOKKEEPING_FIELDS: Tuple[str, ...] = _fields_where("restart", "bookkeeping")
+# ... and what must be positive.
+POSITIVE_FIELDS: Tuple[str, ...] = _fields_where("positive", True)
 MODEL_DEFINING_FIELDS: Tuple[str, ...] = ("variant", "num_classes", "image_size")
 
 
