@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh
 
-import fastvit_jax
 from fastvit_jax.io import describe_os_error, file_system_error
+from fastvit_jax.model import create_model
 from fastvit_jax.training import checkpoint as ckpt_lib
 from fastvit_jax.training import mesh as mesh_lib
 from fastvit_jax.training import multihost
@@ -113,7 +113,7 @@ def _model_for_file(path: str, loaded: dict, config: TrainConfig, model_fn: Call
     raise ValueError(f"{path} matches neither the train-form nor the fused fastvit_{config.variant}")
 
 
-def evaluate_checkpoint(config: TrainConfig, *, model_fn: Callable[..., nn.Module] = fastvit_jax.create_model
+def evaluate_checkpoint(config: TrainConfig, *, model_fn: Callable[..., nn.Module] = create_model
                         ) -> Dict[str, float]:
     """--eval_only: evaluates --init_from (a weight file or a workdir) or else --workdir.
 

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-import fastvit_jax
+from fastvit_jax.io import save_variables
+from fastvit_jax.model import create_model
+from fastvit_jax.reparam import reparameterize
 from fastvit_jax.training.config import TrainConfig
 from fastvit_jax.variants import pretrained_cfg
 from fastvit_jax.weights.files import read_weights_file
@@ -142,15 +144,15 @@ def export_fused(workdir: str, variables: Dict[str, Any], config: TrainConfig, s
     crop, ``class_names`` as its ``label_names``), so ``fastvit_jax.load_model`` / ``predict`` / ``export`` need no arguments. Every
     process takes part (gathering sharded arrays); process 0 writes. Returns the path.
     """
-    fused = fastvit_jax.reparameterize(_to_host(variables))
+    fused = reparameterize(_to_host(variables))
     path = os.path.join(workdir, EXPORT_DIRNAME, f"fastvit_{config.variant}_ema_fused.safetensors")
     if jax.process_index() == 0:
         data_config = pretrained_cfg(config.variant, num_classes=config.num_classes,
                                      image_size=config.image_size).replace(crop_pct=config.eval_crop_pct,
                                                                            label_names=tuple(class_names))
-        model = fastvit_jax.create_model(config.variant, num_classes=config.num_classes, inference_mode=True,
+        model = create_model(config.variant, num_classes=config.num_classes, inference_mode=True,
                                          pretrained_cfg=data_config)
         metadata = {"step": step, "dataset": config.dataset, "weights": "ema", **(extra_metadata or {})}
-        fastvit_jax.save_variables(path, fused, model=model, metadata=metadata,
+        save_variables(path, fused, model=model, metadata=metadata,
                                    inputs=[config.init_from] if config.init_from else ())
     return path

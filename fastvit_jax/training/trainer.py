@@ -25,8 +25,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-import fastvit_jax
 from fastvit_jax.io import check_writable_dir
+from fastvit_jax.model import create_model
 from fastvit_jax.training import checkpoint as ckpt_lib
 from fastvit_jax.training import mesh as mesh_lib
 from fastvit_jax.training import multihost
@@ -236,7 +236,7 @@ def _resume_hint(workdir: str) -> Callable[[], str]:
 
 
 def train_and_evaluate(config: TrainConfig, *,
-                       model_fn: Callable[..., nn.Module] = fastvit_jax.create_model) -> TrainResult:
+                       model_fn: Callable[..., nn.Module] = create_model) -> TrainResult:
     """Trains (resuming from ``<workdir>/checkpoints`` if present), evaluates and exports.
 
     ``model_fn(variant, *, num_classes, drop_path_rate, dtype, remat)`` builds the linen model.
