@@ -216,6 +216,23 @@ def test_eval_sizes_and_mask_padding(demo_dir):
     np.testing.assert_array_equal(got, val_labels)
 
 
+def test_eval_pipeline_resizes_with_the_variants_filter(demo_dir):
+    """The trainer's evaluation resizes as the model's data config says: bilinear for the MobileCLIP towers."""
+    from fastvit_jax.data.pipeline import eval_preprocess
+
+    assert get_config("mci0").eval_interpolation == "bilinear" and get_config("t8").eval_interpolation == "bicubic"
+    raw = _take(_read_split(get_builder("demo", demo_dir), "validation"), 1)[0]
+
+    def first(interpolation):
+        batch = next(make_eval_dataset("demo", demo_dir, batch_size=2, image_size=IMG, crop_pct=1.0,
+                                       interpolation=interpolation).as_numpy_iterator())
+        return batch["image"][0]
+
+    bilinear = eval_preprocess(raw["image"], image_size=IMG, crop_pct=1.0, interpolation="bilinear").numpy()
+    np.testing.assert_array_equal(first("bilinear"), bilinear)
+    assert not np.array_equal(first("bicubic"), bilinear)
+
+
 # ----------------------------------------------------------------------------------------
 # augmentation ops
 # ----------------------------------------------------------------------------------------

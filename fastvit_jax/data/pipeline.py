@@ -442,9 +442,10 @@ def make_train_dataset(name: str, data_dir: str | None, *, global_batch_size: in
 
 def make_eval_dataset(name: str, data_dir: str | None, *, batch_size: int, image_size: int,
                       crop_pct: float, process_index: int = 0, process_count: int = 1, mean: tuple = IMAGENET_MEAN,
-                      std: tuple = IMAGENET_STD) -> tf.data.Dataset:
+                      std: tuple = IMAGENET_STD, interpolation: str = "bicubic") -> tf.data.Dataset:
     """One pass over this process's slice of the eval split, padded to full batches (``eval_preprocess``
-    with ``mean``/``std``, ImageNet's by default).
+    with ``mean``/``std`` and ``interpolation``, ImageNet's bicubic by default: pass the model's
+    ``pretrained_cfg``).
 
     Yields ``{'image': f32 (B,S,S,3), 'label': i32 (B,), 'mask': f32 (B,)}`` with
     ``B = batch_size // process_count`` (``batch_size`` is global). Every process yields
@@ -461,7 +462,8 @@ def make_eval_dataset(name: str, data_dir: str | None, *, batch_size: int, image
     _, crop = eval_image_size(image_size, crop_pct)
 
     def _map(ex: dict) -> dict:
-        image = eval_preprocess(ex["image"], image_size=image_size, crop_pct=crop_pct, jpeg=jpeg, mean=mean, std=std)
+        image = eval_preprocess(ex["image"], image_size=image_size, crop_pct=crop_pct, jpeg=jpeg, mean=mean, std=std,
+                                interpolation=interpolation)
         return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)}
 
     ds = raw.map(_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -204,6 +204,11 @@ class TrainConfig:
         cfg = pretrained_cfg(self.variant)
         return {"mean": tuple(cfg.mean), "std": tuple(cfg.std)}
 
+    @property
+    def eval_interpolation(self) -> str:
+        """The resize filter of the variant's evaluation transform (bicubic; bilinear for the MobileCLIP towers)."""
+        return pretrained_cfg(self.variant).interpolation
+
     def validate(self) -> None:
         """Raises ValueError naming the field and what would be valid."""
         get_variant(self.variant)

@@ -55,7 +55,7 @@ def run_eval(eval_step: Callable, variables_by_prefix: Dict[str, dict], config: 
     dataset = make_eval_dataset(
         config.dataset, config.data_dir, batch_size=eval_batch_size(config, mesh), image_size=config.image_size,
         crop_pct=config.eval_crop_pct, process_index=jax.process_index(), process_count=jax.process_count(),
-        **config.normalization,
+        interpolation=config.eval_interpolation, **config.normalization,
     )
     batches = ({k: batch[k] for k in ("image", "label", "mask")}
                for batch in named_read_errors(device_prefetch(dataset, mesh_lib.batch_sharding(mesh)),
