@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import os
 
 import numpy as np
@@ -99,6 +100,25 @@ def test_parse_randaugment():
 # ----------------------------------------------------------------------------------------
 # demo dataset
 # ----------------------------------------------------------------------------------------
+def test_preparing_the_demo_prints_one_line(tmp_path, capfd, caplog):
+    """No tfds progress bars, 'Downloading and preparing' print or warning about the folder it creates."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    tfds.display_progress_bar(True)
+    try:
+        with caplog.at_level(logging.INFO):
+            prepare_demo(str(tmp_path), num_train=20, num_val=10)
+        assert tqdm_utils._active  # the caller's setting is restored
+    finally:
+        tfds.disable_progress_bar()
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
+    ours = [r.getMessage() for r in caplog.records if r.name == "fastvit_jax.data"]
+    assert len(ours) == 1 and ours[0].startswith("preparing the demo dataset"), ours
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warnings, warnings
+
+
 def test_demo_builder_prepared(demo_dir):
     builder = demo_builder(demo_dir)
     assert builder.is_prepared()

@@ -9,6 +9,7 @@ real JPEG-encoded RGB images of varied size (64..112 px per side), ``train`` and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import io
@@ -18,6 +19,7 @@ import shutil
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.utils import tqdm_utils
 from PIL import Image
 
 log = logging.getLogger("fastvit_jax.data")
@@ -209,6 +211,32 @@ def _remove_incomplete(parent: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+class _NotYetPrepared(logging.Filter):
+    """Drops tfds's warnings about the demo's own folder and config: 'Variant folder ... has no
+    dataset_info.json' (not prepared yet) and 'Using custom data configuration' (a non-default size)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "has no dataset_info.json" not in message and "Using custom data configuration" not in message
+
+
+@contextlib.contextmanager
+def _tfds_quietly():
+    """tfds's preparation without its nested progress bars, its 'Downloading and preparing' print and
+    the warning about the folder it is about to create (this module logs one line instead)."""
+    quiet = _NotYetPrepared()
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(quiet)
+    was_active = getattr(tqdm_utils, "_active", True)
+    tqdm_utils.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tqdm_utils.display_progress_bar(was_active)
+        absl_logger.removeFilter(quiet)
+
+
 def prepare_demo(data_dir: str, num_train: int = DEFAULT_NUM_TRAIN, num_val: int = DEFAULT_NUM_VAL) -> None:
     """Builds ``fastvit_demo`` into ``data_dir`` (no-op when already prepared). Offline.
 
@@ -218,6 +246,11 @@ def prepare_demo(data_dir: str, num_train: int = DEFAULT_NUM_TRAIN, num_val: int
     a version folder that exists but is not a prepared dataset raises DatasetPreparationError
     naming it (tfds would otherwise reuse it as it is).
     """
+    with _tfds_quietly():
+        _prepare(data_dir, num_train, num_val)
+
+
+def _prepare(data_dir: str, num_train: int, num_val: int) -> None:
     builder = demo_builder(data_dir, num_train, num_val)
     if builder.is_prepared():
         return
