@@ -241,7 +241,7 @@ def describe(report: Dict[str, Any]) -> str:
              f"{report['image_size']} px, {report['dtype']}, remat {report['remat']}, "
              f"{report['lowering']} convs; chip {report['chip']['name']}: {report['chip']['bf16_tflops']:g} TFLOP/s "
              f"bf16, {report['chip']['hbm_gbps']:g} GB/s, {report['chip']['hbm_gib']:g} GiB HBM",
-             "ESTIMATES from the compiled programs (XLA's cost and memory analysis), not measurements:"]
+             "ESTIMATES from the compiled programs, not measurements (XLA's cost and memory analysis):"]
     for name in [s for s in STEPS if s in report]:
         r = report[name]
         m = r["memory_bytes"]
