@@ -15,12 +15,9 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+import numpy as np
+from PIL import Image, ImageDraw
 
 SIZES = ((500, 375), (375, 500), (640, 480), (1024, 768), (800, 600), (333, 500),  # (width, height)
          (160, 120), (96, 96), (64, 48))  # small images, upscaled to 284 px: the bicubic kernels differ most
