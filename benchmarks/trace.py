@@ -57,11 +57,16 @@ def scope_of(op_name: str, depth: int = 3) -> str:
     return f"{direction} " + "/".join(modules[:depth])
 
 
-def read_trace_events(trace_dir: str) -> List[Dict[str, Any]]:
+def perfetto_trace_path(trace_dir: str) -> str:
+    """The newest perfetto_trace.json.gz that ``jax.profiler.trace(create_perfetto_trace=True)`` wrote."""
     paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not paths:
         raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
-    with gzip.open(max(paths, key=os.path.getmtime)) as f:
+    return max(paths, key=os.path.getmtime)
+
+
+def read_trace_events(trace_dir: str) -> List[Dict[str, Any]]:
+    with gzip.open(perfetto_trace_path(trace_dir)) as f:
         trace = json.load(f)
     return trace["traceEvents"] if isinstance(trace, dict) else trace
 

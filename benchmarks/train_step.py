@@ -29,9 +29,11 @@ from benchmarks import common
 LR, WD = 1e-3, 0.05
 
 
-def build_jax_step(variant: str, variables: Dict[str, Any], batch: int, image_size: int,
-                   num_classes: int = 1000, lowering: Optional[str] = None):
-    """(step_fn(state, x, y) -> (state, loss) compiled, state, x, y, compile_s, memory dict)."""
+def lower_jax_step(variant: str, variables: Dict[str, Any], batch: int, image_size: int,
+                   num_classes: int = 1000, lowering: Optional[str] = None, remat: str = "none"):
+    """(lowered step, state, x, y): ``step(state, x, y) -> (state, loss)`` traced and lowered for one
+    batch, not compiled (callers may compile several in parallel). ``state`` is a fresh copy: the
+    step donates (invalidates) its input buffers."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -39,7 +41,7 @@ def build_jax_step(variant: str, variables: Dict[str, Any], batch: int, image_si
     import fastvit_jax
 
     model = fastvit_jax.create_model(variant, num_classes=num_classes, lowering=lowering,
-                                     dtype=common.jax_compute_dtype())
+                                     dtype=common.jax_compute_dtype(), remat=remat)
     tx = optax.adamw(LR, weight_decay=WD)
     params = variables["params"]
     state = (params, variables["batch_stats"], tx.init(params))
@@ -59,19 +61,28 @@ def build_jax_step(variant: str, variables: Dict[str, Any], batch: int, image_si
     rs = np.random.RandomState(2)
     x = jnp.asarray(rs.randn(batch, image_size, image_size, 3).astype(np.float32))
     y = jnp.asarray(rs.randint(0, num_classes, size=(batch,)).astype(np.int32))
-    t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, x, y).compile()
-    compile_s = time.perf_counter() - t0
-    mem = {}
+    lowered = jax.jit(step, donate_argnums=0).lower(state, x, y)
+    return lowered, jax.tree.map(lambda a: jnp.array(a, copy=True), state), x, y
+
+
+def compiled_memory_mib(compiled) -> Dict[str, float]:
+    """XLA's buffer sizes of a compiled program (MiB): temporaries, arguments, outputs, aliased."""
     try:
         ma = compiled.memory_analysis()
-        mem = {"xla_temp_mib": ma.temp_size_in_bytes / 2 ** 20, "xla_argument_mib": ma.argument_size_in_bytes / 2 ** 20,
-               "xla_output_mib": ma.output_size_in_bytes / 2 ** 20, "xla_alias_mib": ma.alias_size_in_bytes / 2 ** 20}
+        return {"xla_temp_mib": ma.temp_size_in_bytes / 2 ** 20, "xla_argument_mib": ma.argument_size_in_bytes / 2 ** 20,
+                "xla_output_mib": ma.output_size_in_bytes / 2 ** 20, "xla_alias_mib": ma.alias_size_in_bytes / 2 ** 20}
     except Exception:  # noqa: BLE001 - not on every backend
-        pass
-    # own copy of the state: the step donates (invalidates) its input buffers
-    state = jax.tree.map(lambda a: jnp.array(a, copy=True), state)
-    return compiled, state, x, y, compile_s, mem
+        return {}
+
+
+def build_jax_step(variant: str, variables: Dict[str, Any], batch: int, image_size: int,
+                   num_classes: int = 1000, lowering: Optional[str] = None, remat: str = "none"):
+    """(step_fn(state, x, y) -> (state, loss) compiled, state, x, y, compile_s, memory dict)."""
+    lowered, state, x, y = lower_jax_step(variant, variables, batch, image_size, num_classes, lowering, remat)
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    return compiled, state, x, y, compile_s, compiled_memory_mib(compiled)
 
 
 def build_torch_step(module, batch: int, image_size: int, channels_last: bool, num_classes: int = 1000):

@@ -14,7 +14,7 @@ Re-parameterizable blocks have an ``inference_mode`` field that builds the fused
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -77,6 +77,20 @@ class Conv2d(nn.Module):
         return y
 
 
+def batch_moments(xf: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """(mean, biased variance) per channel of a float32 (..., C) array, in one pass.
+
+    E[x^2] - E[x]^2 in float32, as flax's ``use_fast_variance``: the two reductions fuse into
+    one read of the activations, in the forward and the backward. ``xf * xf``, not
+    ``jnp.square(xf)``: the backward of square keeps ``2 * xf``, a second float32 copy of the
+    activations; a product keeps ``xf`` itself, which it keeps anyway (same values and
+    gradients, bit for bit).
+    """
+    axes = tuple(range(xf.ndim - 1))
+    mean = jnp.mean(xf, axes)
+    return mean, jnp.maximum(jnp.mean(xf * xf, axes) - jnp.square(mean), 0.0)
+
+
 class BatchNorm(nn.Module):
     """torch.nn.BatchNorm2d on NHWC (eps 1e-5, momentum 0.1).
 
@@ -100,14 +114,7 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         xf = x.astype(jnp.float32)
         if train:
-            axes = tuple(range(x.ndim - 1))
-            # One pass over x (E[x^2] - E[x]^2 in float32, as flax's use_fast_variance): the two
-            # reductions fuse into one read of the activations, in the forward and the backward.
-            # xf * xf, not jnp.square(xf): the backward of square keeps 2 * xf, a second float32
-            # copy of the activations; a product keeps xf itself, which it keeps anyway (the
-            # same values and gradients, bit for bit).
-            mean = jnp.mean(xf, axes)
-            var = jnp.maximum(jnp.mean(xf * xf, axes) - jnp.square(mean), 0.0)
+            mean, var = batch_moments(xf)
             if not self.is_initializing():
                 n = x.size // c
                 unbiased = var * (n / max(n - 1, 1))

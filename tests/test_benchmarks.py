@@ -288,3 +288,67 @@ def test_trace_of_a_tiny_forward(tmp_path):
     assert abs(sum(s["share"] for s in r["scopes"]) - 1.0) < 0.2  # top scopes cover most of the time
     assert any(s["scope"].startswith("fwd stages_0") for s in r["scopes"])
     assert "| HLO op |" in trace.markdown(r)
+
+
+def test_baseline_numerics_trace_the_old_step_and_restore_the_new():
+    """benchmarks/baseline_numerics.py: inside the block a bf16 conv asks for a float32 result and
+    BatchNorm takes two passes; after it, today's functions are back (and agree in value)."""
+    import jax
+    import jax.numpy as jnp
+
+    import fastvit_jax.conv
+    import fastvit_jax.layers
+    from benchmarks.baseline_numerics import baseline_numerics
+    from fastvit_jax.layers import ConvNorm
+
+    module = ConvNorm(8, 3, dtype=jnp.bfloat16, lowering="native")
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
+    variables = module.init(jax.random.PRNGKey(1), x, train=False)
+
+    def conv_results(text):
+        return [line.rsplit("->", 1)[-1] for line in text.splitlines() if "stablehlo.convolution" in line]
+
+    def lowered_text():  # a fresh function each time: jit's trace cache must not hand back the other form
+        return jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"])).lower(variables, x).as_text()
+
+    now = (fastvit_jax.conv.conv2d_native, fastvit_jax.layers.batch_moments)
+    with baseline_numerics():
+        before = lowered_text()
+        assert fastvit_jax.layers.batch_moments is not now[1]
+        mean2, var2 = fastvit_jax.layers.batch_moments(x)
+    assert (fastvit_jax.conv.conv2d_native, fastvit_jax.layers.batch_moments) == now
+    after = lowered_text()
+    assert all("xf32>" in r for r in conv_results(before)) and conv_results(before)
+    assert all("xbf16>" in r for r in conv_results(after)) and conv_results(after)
+    mean1, var1 = fastvit_jax.layers.batch_moments(x)
+    np.testing.assert_allclose(mean1, mean2, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(var1, var2, rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_session_script_runs_tiny_on_cpu(tmp_path):
+    """benchmarks/gpu_session.sh --tiny: the GPU session's steps, small, on this CPU (the train grid
+    with its profile, and inference); checks what they write, not the speed."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "gpu"
+    r = subprocess.run(["bash", os.path.join(root, "benchmarks", "gpu_session.sh"), "--tiny"], cwd=root,
+                       env={**os.environ, "OUT": str(out), "PYTHON": sys.executable}, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "exit 0" in r.stdout and "exit 124" not in r.stdout, r.stdout[-3000:]
+    grid = json.loads((out / "train_t8.json").read_text())
+    assert grid["tiny"] and grid["errors"] == [] and len(grid["rows"]) == 1
+    row = grid["rows"][0]
+    for impl in ("jax_before", "jax_after", "torch_eager"):
+        assert row[impl]["img_s"] > 0 and np.isfinite(row["first_step_loss"][impl])
+    # same weights and batch: the three first-step losses agree (float32 on CPU)
+    losses = list(row["first_step_loss"].values())
+    assert max(losses) - min(losses) < 1e-3 * abs(losses[0]), row["first_step_loss"]
+    assert row["jax_before"]["remat"] == "none" and row["jax_after"]["remat"] == "none"  # auto on CPU: none
+    assert grid["profile"]["ops"] and (out / "trace_t8_train.json.gz").stat().st_size == grid["profile"]["trace_bytes"]
+    inference = json.loads((out / "inference.json").read_text())
+    assert inference["sections"]["inference"]["rows"]
+    report = (out / "report.md").read_text()
+    assert "## train_t8" in report and "JAX before img/s" in report and "## inference" in report
