@@ -9,21 +9,26 @@ Flax leaf names: conv / dense weights ``kernel`` (HWIO / (in, out)), ``bias``; B
 Every module takes ``train: bool``: BatchNorm uses batch statistics and updates its running
 averages when ``train`` is true (PyTorch semantics), DropPath needs the ``'dropout'`` rng.
 Re-parameterizable blocks have an ``inference_mode`` field that builds the fused graph
-(a single ``reparam_conv`` with bias); ``fastvit_jax.reparam`` maps variables between the two.
+(a single ``reparam_conv`` with bias) and fuse their own variables: ``is_train_form(params)``
+recognises their branches, ``branches(params)`` names what fusion removes and
+``fuse(params, stats)`` returns the fused (kernel, bias), the mirror of ``torch_ref``'s
+``reparameterize()``. ``fastvit_jax.reparam.reparameterize`` walks a tree and lets them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from fastvit_jax.conv import conv2d, resolve_lowering
+from fastvit_jax.fusion import BN_EPS, FUSED_CONV, fuse_conv_bn, fuse_conv_norm, identity_kernel, pad_kernel
 from fastvit_jax.remat import saved
 
 Dtype = Any
+Tree = Mapping[str, Any]
 
 # PyTorch's default conv / linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -100,7 +105,7 @@ class BatchNorm(nn.Module):
     Under ``jax.jit`` with a batch sharded over devices the statistics are global (sync BN).
     """
 
-    epsilon: float = 1e-5
+    epsilon: float = BN_EPS
     momentum: float = 0.1  # PyTorch convention: new = (1 - momentum) * old + momentum * batch
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -235,7 +240,7 @@ class MobileOneBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv_args = dict(stride=self.stride, groups=self.groups, dtype=self.dtype, lowering=self.lowering)
         if self.inference_mode:
-            out = Conv2d(self.out_chs, self.kernel_size, use_bias=True, name="reparam_conv", **conv_args)(x)
+            out = Conv2d(self.out_chs, self.kernel_size, use_bias=True, name=FUSED_CONV, **conv_args)(x)
         else:
             out = 0.0
             norm_dtype = self.norm_dtype or self.dtype
@@ -249,6 +254,56 @@ class MobileOneBlock(nn.Module):
         if self.use_se:
             out = SqueezeExcite(dtype=self.dtype, lowering=self.lowering, name="se")(out)
         return gelu(out) if self.use_act else out
+
+    @staticmethod
+    def is_train_form(params: Tree) -> bool:
+        return "identity" in params or "conv_scale" in params or bool(_kxk_branches(params))
+
+    @staticmethod
+    def branches(params: Tree) -> List[str]:
+        return _kxk_branches(params) + [k for k in ("conv_scale", "identity") if k in params]
+
+    @staticmethod
+    def fuse(params: Tree, stats: Tree, kernel_size: Optional[int] = None,
+             groups: Optional[int] = None) -> Tuple[jax.Array, jax.Array]:
+        """Train-form variables -> (kernel, bias) of ``reparam_conv``: K = sum K_kxk + pad(K_scale) + K_id.
+
+        ``kernel_size`` defaults to the conv branches' (a bare skip branch is a 1x1 identity);
+        ``groups`` is only needed for the identity branch and is inferred from the conv
+        branches (C_in / (I/g)), or depthwise when there is none (RepMixer's ``norm``).
+        """
+        if kernel_size is None:
+            first = (_kxk_branches(params) or ["conv_scale"])[0]
+            kernel_size = params[first]["conv"]["kernel"].shape[0] if first in params else 1
+        kernel, bias, in_per_group = None, None, None
+
+        def add(k, b):
+            nonlocal kernel, bias
+            kernel, bias = (k, b) if kernel is None else (kernel + k, bias + b)
+
+        for name in _kxk_branches(params):
+            k, b = fuse_conv_norm(params[name], stats[name])
+            in_per_group = k.shape[2]
+            add(k, b)
+        if "conv_scale" in params:
+            k, b = fuse_conv_norm(params["conv_scale"], stats["conv_scale"])
+            in_per_group = k.shape[2]
+            add(pad_kernel(k, kernel_size), b)
+        if "identity" in params:
+            channels = params["identity"]["scale"].shape[0]
+            if groups is None:
+                groups = channels // in_per_group if in_per_group else channels
+            eye = identity_kernel(channels, groups, kernel_size, params["identity"]["scale"].dtype)
+            add(*fuse_conv_bn(eye, params["identity"], stats["identity"]))
+        if kernel is None:
+            raise ValueError("MobileOneBlock variables have no branch (expected conv_kxk_*, conv_scale or identity); "
+                             f"got {sorted(params)}")
+        return kernel, bias
+
+
+def _kxk_branches(params: Tree) -> List[str]:
+    """A MobileOneBlock's conv_kxk_{i} branch names, in index order."""
+    return sorted((k for k in params if k.startswith("conv_kxk_")), key=lambda k: int(k.rsplit("_", 1)[1]))
 
 
 class ReparamLargeKernelConv(nn.Module):
@@ -276,7 +331,7 @@ class ReparamLargeKernelConv(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv_args = dict(stride=self.stride, groups=self.groups, dtype=self.dtype, lowering=self.lowering)
         if self.inference_mode:
-            out = Conv2d(self.out_chs, self.kernel_size, use_bias=True, name="reparam_conv", **conv_args)(x)
+            out = Conv2d(self.out_chs, self.kernel_size, use_bias=True, name=FUSED_CONV, **conv_args)(x)
         else:
             out = ConvNorm(self.out_chs, self.kernel_size, name="large_conv", **conv_args)(x, train)
             if self.small_kernel:
@@ -284,6 +339,23 @@ class ReparamLargeKernelConv(nn.Module):
         if self.use_se:
             out = SqueezeExcite(rd_ratio=0.25, dtype=self.dtype, lowering=self.lowering, name="se")(out)
         return gelu(out) if self.use_act else out
+
+    @staticmethod
+    def is_train_form(params: Tree) -> bool:
+        return "large_conv" in params
+
+    @staticmethod
+    def branches(params: Tree) -> List[str]:
+        return [k for k in ("large_conv", "small_conv") if k in params]
+
+    @staticmethod
+    def fuse(params: Tree, stats: Tree) -> Tuple[jax.Array, jax.Array]:
+        """K = K_large + pad(K_small), b = b_large + b_small (squeeze-excite and activation stay)."""
+        kernel, bias = fuse_conv_norm(params["large_conv"], stats["large_conv"])
+        if "small_conv" in params:
+            ks, bs = fuse_conv_norm(params["small_conv"], stats["small_conv"])
+            kernel, bias = kernel + pad_kernel(ks, kernel.shape[0]), bias + bs
+        return kernel, bias
 
 
 class PatchEmbed(nn.Module):
@@ -325,7 +397,7 @@ class RepMixer(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.inference_mode:
             return Conv2d(self.dim, self.kernel_size, groups=self.dim, use_bias=True, dtype=self.dtype,
-                          lowering=self.lowering, name="reparam_conv")(x)
+                          lowering=self.lowering, name=FUSED_CONV)(x)
         # mixer(x) - norm(x) cancels most of both terms (their identity BatchNorms of the same
         # x): the BatchNorm outputs and the difference are float32 so that a bfloat16 run does not
         # lose it; the depthwise convs themselves run in the compute dtype.
@@ -338,6 +410,25 @@ class RepMixer(nn.Module):
         mixer = MobileOneBlock(self.dim, self.dim, self.kernel_size, name="mixer", **common)(x, train)
         delta = LayerScale2d(self.layer_scale_init_value, jnp.float32, name="layer_scale")(mixer - norm)
         return x.astype(jnp.float32) + delta  # the residual stream stays float32
+
+    @staticmethod
+    def is_train_form(params: Tree) -> bool:
+        return "mixer" in params and "norm" in params and "layer_scale" in params
+
+    @staticmethod
+    def branches(params: Tree) -> List[str]:
+        return ["mixer", "norm", "layer_scale"]
+
+    @staticmethod
+    def fuse(params: Tree, stats: Tree) -> Tuple[jax.Array, jax.Array]:
+        """W = I + gamma * (K_mixer - K_norm), b = gamma * (b_mixer - b_norm) (depthwise)."""
+        kernel_size = params["mixer"]["conv_kxk_0"]["conv"]["kernel"].shape[0]
+        k_m, b_m = MobileOneBlock.fuse(params["mixer"], stats["mixer"], kernel_size)
+        k_n, b_n = MobileOneBlock.fuse(params["norm"], stats["norm"], kernel_size)
+        gamma = params["layer_scale"]["gamma"]
+        dim = gamma.shape[0]
+        eye = identity_kernel(dim, dim, kernel_size, k_m.dtype)
+        return eye + gamma * (k_m - k_n), gamma * (b_m - b_n)
 
 
 class Attention(nn.Module):
@@ -395,10 +486,25 @@ class RepConditionalPosEnc(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        name = "reparam_conv" if self.inference_mode else "pos_enc"
+        name = FUSED_CONV if self.inference_mode else "pos_enc"
         y = Conv2d(self.dim, self.kernel_size, groups=self.dim, use_bias=True, dtype=self.dtype,
                    lowering=self.lowering, name=name)(x)
         return y if self.inference_mode else y + x
+
+    @staticmethod
+    def is_train_form(params: Tree) -> bool:
+        return "pos_enc" in params
+
+    @staticmethod
+    def branches(params: Tree) -> List[str]:
+        return ["pos_enc"]
+
+    @staticmethod
+    def fuse(params: Tree, stats: Tree) -> Tuple[jax.Array, jax.Array]:
+        """W = W_pe + I (depthwise), b = b_pe."""
+        kernel = params["pos_enc"]["kernel"]
+        dim = kernel.shape[-1]
+        return kernel + identity_kernel(dim, dim, kernel.shape[0], kernel.dtype), params["pos_enc"]["bias"]
 
 
 class RepMixerBlock(nn.Module):

@@ -18,6 +18,7 @@ from fastvit_jax.layers import (
     trunc_normal_02,
 )
 from fastvit_jax.conv import materialize, needs_materialized_input
+from fastvit_jax.fusion import is_fused
 from fastvit_jax.remat import check_policy, rematerialized
 from fastvit_jax.variants import PretrainedCfg, VariantConfig, drop_path_rates, get_variant
 from fastvit_jax.variants import pretrained_cfg as default_pretrained_cfg
@@ -200,12 +201,12 @@ def check_input(x: jax.Array) -> None:
 def check_variables_form(params: Any, inference_mode: bool) -> None:
     """Fused variables need ``inference_mode=True``, train-form ones ``False``; else a ValueError saying so.
 
-    The form is read from the first stem block: fused blocks hold one ``reparam_conv``.
+    The form is read from the first stem block (``fastvit_jax.fusion.is_fused``).
     """
     stem = params.get("stem_0") if hasattr(params, "get") else None
     if not stem:
         return
-    fused = "reparam_conv" in stem
+    fused = is_fused(stem)
     if fused and not inference_mode:
         raise ValueError("these variables are the fused (inference) form: build the model with "
                          "create_model(..., inference_mode=True), or pass the train-form variables")

@@ -17,11 +17,11 @@ from typing import Any, Mapping
 import numpy as np
 import tensorflow as tf
 
+from fastvit_jax.fusion import BN_EPS, is_fused
 from fastvit_jax.layers import same_padding
 from fastvit_jax.variants import VariantConfig
 
 Tree = Mapping[str, Any]
-BN_EPS = 1e-5
 
 
 def _const(value: Any) -> tf.Tensor:
@@ -114,7 +114,7 @@ def attention_block(x: tf.Tensor, params: Tree, stats: Tree, head_dim: int) -> t
 def forward(x: tf.Tensor, variables: Tree, cfg: VariantConfig) -> tf.Tensor:
     """(B, H, W, 3) -> (B, num_classes) logits (pooled features when the head has no ``fc``)."""
     params, stats = variables["params"], variables.get("batch_stats", {})
-    if "reparam_conv" not in params["stem_0"]:
+    if not is_fused(params["stem_0"]):
         raise ValueError("tf_forward needs fused variables: run fastvit_jax.reparameterize first")
     for i, stride in enumerate((2, 2, 1)):
         x = mobileone(x, params[f"stem_{i}"], stride)

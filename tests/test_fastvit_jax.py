@@ -15,6 +15,7 @@ from convert.core import convert_state_dict
 from fastvit_jax import reparam
 from fastvit_jax.compare import relative_error
 from fastvit_jax.conv import conv2d
+from fastvit_jax.layers import MobileOneBlock, RepConditionalPosEnc, ReparamLargeKernelConv, RepMixer
 from fastvit_jax.variants import OFFICIAL_PARAM_COUNTS, VARIANTS
 from helpers import assert_parity, collectives_in, images, jax_apply, jax_logits, torch_model
 
@@ -146,7 +147,7 @@ def test_fuse_mobileone_all_branches(rng):
            + _bn_apply(_conv(x, params["conv_scale"]["conv"]["kernel"], groups=c), params["conv_scale"]["bn"],
                        stats["conv_scale"]["bn"])
            + _bn_apply(x, params["identity"], stats["identity"]))
-    k, b = reparam.fuse_mobileone(params, stats, 3)
+    k, b = MobileOneBlock.fuse(params, stats, 3)
     np.testing.assert_allclose(_conv(x, k, groups=c, bias=b), ref, atol=1e-4, rtol=1e-5)
 
 
@@ -160,7 +161,7 @@ def test_fuse_large_kernel_stride2_multiplier(rng):
     def branch(name):
         return _bn_apply(_conv(x, params[name]["conv"]["kernel"], 2, c), params[name]["bn"], stats[name]["bn"])
 
-    k, b = reparam.fuse_large_kernel(params, stats)
+    k, b = ReparamLargeKernelConv.fuse(params, stats)
     np.testing.assert_allclose(_conv(x, k, 2, c, b), branch("large_conv") + branch("small_conv"), atol=1e-4, rtol=1e-5)
 
 
@@ -172,9 +173,9 @@ def test_fuse_repmixer_absorbs_residual_and_layer_scale(rng):
     params = {"mixer": mixer_p, "norm": {"identity": norm_p}, "layer_scale": {"gamma": gamma}}
     stats = {"mixer": mixer_s, "norm": {"identity": norm_s}}
     x = jnp.asarray(rng.randn(2, 7, 7, c), jnp.float32)
-    km, bm = reparam.fuse_mobileone(mixer_p, mixer_s, 3)
+    km, bm = MobileOneBlock.fuse(mixer_p, mixer_s, 3)
     ref = x + gamma * (_conv(x, km, groups=c, bias=bm) - _bn_apply(x, norm_p, norm_s))
-    k, b = reparam.fuse_repmixer(params, stats)
+    k, b = RepMixer.fuse(params, stats)
     np.testing.assert_allclose(_conv(x, k, groups=c, bias=b), ref, atol=1e-4, rtol=1e-5)
 
 
@@ -183,7 +184,7 @@ def test_fuse_repcpe(rng):
     params = {"pos_enc": {"kernel": jnp.asarray(rng.randn(7, 7, 1, c), jnp.float32),
                           "bias": jnp.asarray(rng.randn(c), jnp.float32)}}
     x = jnp.asarray(rng.randn(1, 9, 9, c), jnp.float32)
-    k, b = reparam.fuse_repcpe(params)
+    k, b = RepConditionalPosEnc.fuse(params, {})
     ref = _conv(x, params["pos_enc"]["kernel"], groups=c, bias=params["pos_enc"]["bias"]) + x
     np.testing.assert_allclose(_conv(x, k, groups=c, bias=b), ref, atol=1e-4, rtol=1e-5)
 

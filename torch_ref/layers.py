@@ -3,8 +3,8 @@
 Each re-parameterizable block carries both forms: the train form (parallel conv-BN
 branches) and, after ``reparameterize()`` or when built with ``inference_mode=True``,
 a single ``reparam_conv`` with bias. The fusion math lives in ``fuse_conv_bn`` and
-``identity_kernel``; the Flax twin is ``fastvit_jax/layers.py`` +
-``fastvit_jax/reparam.py``.
+``identity_kernel``; the Flax twin is ``fastvit_jax/layers.py`` (each block's ``fuse``) with
+``fastvit_jax/fusion.py``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from fastvit_jax.fusion import is_fused
 from fastvit_jax.variants import ALL_VARIANTS, canonical_name, get_variant
 from fastvit_jax.weights.keys import _to_numpy, flax_shapes_to_torch, flax_to_torch, torch_to_flax
 from fastvit_jax.weights.layouts import (
@@ -236,9 +237,6 @@ def cast_floats(tree: Any, dtype: str = "float32") -> Tuple[Any, List[str]]:
     return cast(tree), sorted(found)
 
 
-def is_fused(keys) -> bool:
-    """True for the inference form: any ``reparam_conv`` entry."""
-    return any(".reparam_conv." in k or k.startswith("reparam_conv.") for k in keys)
 
 
 def count_params(params: Mapping[str, Any]) -> int:
