@@ -127,8 +127,10 @@ PARITY_CASES = [
     pytest.param("mci0", SMALL_SIZES, marks=pytest.mark.xdist_group("mci0")),
     pytest.param("mci3", LARGE_SIZES[1:], marks=pytest.mark.xdist_group("mci3")),
     pytest.param("mci3", LARGE_SIZES[:1], marks=[pytest.mark.slow, pytest.mark.xdist_group("mci3")]),
-    pytest.param("mci1", SMALL_SIZES, marks=[pytest.mark.slow, pytest.mark.xdist_group("mci1")]),
-    pytest.param("mci2", SMALL_SIZES, marks=[pytest.mark.slow, pytest.mark.xdist_group("mci2")]),
+    pytest.param("mci1", SMALL_SIZES[1:], marks=pytest.mark.xdist_group("mci1")),
+    pytest.param("mci1", SMALL_SIZES[:1], marks=[pytest.mark.slow, pytest.mark.xdist_group("mci1")]),
+    pytest.param("mci2", SMALL_SIZES[1:], marks=pytest.mark.xdist_group("mci2")),
+    pytest.param("mci2", SMALL_SIZES[:1], marks=[pytest.mark.slow, pytest.mark.xdist_group("mci2")]),
     pytest.param("mci4", LARGE_SIZES, marks=[pytest.mark.slow, pytest.mark.xdist_group("mci4")]),
 ]
 
@@ -289,7 +291,6 @@ def test_image_embedding_matches_torch():
 
 
 # --------------------------------------------------------------------------- training
-@pytest.mark.slow
 @pytest.mark.xdist_group("mci0")
 def test_fine_tune_a_converted_tower_with_a_new_head(tmp_path):
     """open_clip checkpoint -> Flax file -> the trainer (``train_tpu.py --variant mci0 --init_from``):
@@ -305,7 +306,8 @@ def test_fine_tune_a_converted_tower_with_a_new_head(tmp_path):
         "mci0", dataset="demo", data_dir=str(tmp_path / "tfds"), workdir=str(tmp_path / "ft"), init_from=path,
         global_batch_size=8, image_size=64, num_epochs=None, num_steps=1, warmup_steps=1, eval_every=0,
         eval_batch_size=8, log_every=1, randaugment="", reprob=0.0, export=False, plot=False, progress=False)
-    res = trainer.train_and_evaluate(cfg)
+    # native convs: the train step compiles ~3x faster on CPU than with the 'shift' default
+    res = trainer.train_and_evaluate(cfg, model_fn=functools.partial(fastvit_jax.create_model, lowering="native"))
     params = jax.device_get(res.state.params)
     assert params["head"]["fc"]["kernel"].shape == (1024, 10)
     loaded = tower.variables["params"]["stages_3"]["blocks_0"]["token_mixer"]["qkv"]["kernel"]
