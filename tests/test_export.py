@@ -1,6 +1,7 @@
 """python -m fastvit_jax.export: fused ONNX and TFLite files, run in ONNX Runtime and LiteRT.
 
-Parity with JAX and with torch_ref on non-trivial weights (t8, sa12, ma36), a batch other than
+Parity with JAX and with torch_ref on non-trivial weights (t8, sa12, ma36, and a narrow
+mci3-shaped tower for the five-stage LayerNorm path of the TFLite forward), a batch other than
 the one exported, every variant exporting the fused graph (conv count, no BatchNorm), and one
 clear error per bad request with nothing left behind.
 """
@@ -148,3 +149,37 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
                            str(tmp_path / "m.onnx")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"error: checkpoint {str(tmp_path / 'missing.pth')!r} does not exist" in proc.stderr
+
+
+def test_tflite_export_of_a_narrow_five_stage_layernorm_tower(tmp_path):
+    """mci3's structure (five stages, total stride 64, LayerNorm2d as the attention norm, no stem
+    scale branch, GELU after the large-kernel conv, RepCPE), one block per stage and narrow, so its
+    TFLite export runs in the default suite (the real mci3/mci4 files are 0.5-1.3 GB). The exported
+    file agrees with JAX and with torch_ref on non-trivial weights."""
+    import dataclasses
+
+    from fastvit_jax.model import FastVit
+    from fastvit_jax.reparam import reparameterize
+    from fastvit_jax.variants import get_variant
+    from fastvit_jax.weights.keys import torch_to_flax
+    from torch_ref.model import FastVit as TorchFastVit
+    from torch_ref.testing import make_nontrivial
+
+    cfg = dataclasses.replace(get_variant("mci3"), name="mci3-narrow", layers=(1, 1, 1, 1, 1),
+                              embed_dims=(16, 32, 32, 64, 64))
+    torch.manual_seed(0)
+    twin = make_nontrivial(TorchFastVit(cfg, num_classes=10), image_size=128, batch=4)
+    fused = reparameterize(torch_to_flax(twin.state_dict()))
+    model = FastVit(cfg, num_classes=10, inference_mode=True)
+    out = str(tmp_path / "narrow.tflite")
+    export.write_tflite(out, model, fused, image_size=128, batch=None)
+    x = np.random.RandomState(3).randn(2, 128, 128, 3).astype(np.float32)
+    got = export.run_tflite(out, x)
+    expected = np.asarray(model.apply(fused, x))
+    ref = torch_logits(twin, x.transpose(0, 3, 1, 2))
+    assert np.abs(ref - torch_logits(twin, -x.transpose(0, 3, 1, 2))).max() > 0.05 * np.abs(ref).max()
+    assert relative_error(expected, ref) <= 1e-5
+    assert relative_error(got, expected) <= 1e-4, relative_error(got, expected)
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+    _assert_fused_graph(out, "tflite", "mci3", fused)
+    assert "BATCH_NORM" not in _ops(out, "tflite")  # the attention blocks' norm is LayerNorm2d here
