@@ -36,9 +36,10 @@ def _parse(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="demo_out", help="output folder (default ./demo_out)")
     p.add_argument("--data_dir", default=None, help="tfds data_dir for the demo dataset (default <workdir>/tfds)")
-    p.add_argument("--steps", type=int, default=120, help="training steps (default 120, ~5 epochs)")
-    p.add_argument("--batch_size", type=int, default=128, help="global batch (default 128, 16 per fake device)")
-    p.add_argument("--image_size", type=int, default=48, help="train/eval resolution (default 48)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo recipe's 120, ~5 epochs)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="global batch (default: the demo recipe's 128, 16 per fake device)")
+    p.add_argument("--image_size", type=int, default=None, help="train/eval resolution (default: the demo recipe's 48)")
     p.add_argument("--keep", action="store_true", help="resume an existing demo run instead of starting over")
     return p.parse_args(argv)
 
@@ -75,26 +76,16 @@ def main(argv=None) -> int:
     prepare_demo(data_dir)
     t_data = time.perf_counter() - t0
 
-    config = get_config(
-        "t8",
-        dataset="demo",
-        data_dir=data_dir,
-        workdir=run_dir,
-        image_size=args.image_size,
-        global_batch_size=args.batch_size,
-        num_epochs=None,
-        num_steps=args.steps,
-        mesh="data:-1",
-        dtype="float32",
-        recipe="short",  # lr 2e-3, no mixup/cutmix/RandAugment/erasing: a few epochs of a 3000-image set
-        warmup_steps=max(1, args.steps // 15),
-        checkpoint_every=max(50, args.steps // 2),
-        eval_every=0,
-        log_every=10,
-        eval_batch_size=256,
-        crop_pct=1.0,
-    )
-    print(f"[demo] training fastvit_t8 at {args.image_size}px, batch {args.batch_size}, {args.steps} steps "
+    # The run is the named recipe "demo" (``fastvit_jax/training/config.py``): the same as
+    # ``train_tpu.py --variant t8 --recipe demo``; only the paths, and the sizes given here, are set.
+    sizes = {"image_size": args.image_size, "global_batch_size": args.batch_size}
+    overrides = {k: v for k, v in sizes.items() if v is not None}
+    if args.steps is not None:
+        overrides.update(num_steps=args.steps, warmup_steps=max(1, args.steps // 15),
+                         checkpoint_every=max(50, args.steps // 2))
+    config = get_config("t8", recipe="demo", data_dir=data_dir, workdir=run_dir, **overrides)
+    print(f"[demo] training fastvit_t8 at {config.image_size}px, batch {config.global_batch_size}, "
+          f"{config.num_steps} steps "
           f"on mesh {config.mesh} ...")
     res = train_and_evaluate(config)
     ev = res.eval
@@ -129,11 +120,11 @@ def main(argv=None) -> int:
     print("\n" + "=" * 78)
     print("FastViT-t8 demo summary")
     print(f"  devices          : {jax.device_count()} faked CPU devices, mesh {dict(res.mesh.shape)}, "
-          f"batch {args.batch_size} split 8 ways")
-    print(f"  data             : fastvit_demo (10 classes, 3000 train / 500 val), {args.image_size}px "
+          f"batch {config.global_batch_size} split 8 ways")
+    print(f"  data             : fastvit_demo (10 classes, 3000 train / 500 val), {config.image_size}px "
           f"(prepared in {t_data:.0f}s)")
     print(f"  trained          : {res.final_step} steps "
-          f"({res.final_step * args.batch_size / 3000:.1f} epochs)")
+          f"({res.final_step * config.global_batch_size / 3000:.1f} epochs)")
     print(f"  val top-1 (raw)  : {100 * ev['top1']:.1f}%   top-5 {100 * ev['top5']:.1f}%   loss {ev['loss']:.3f}")
     print(f"  val top-1 (EMA)  : {100 * ev['ema_top1']:.1f}%   top-5 {100 * ev['ema_top5']:.1f}%   "
           f"loss {ev['ema_loss']:.3f}   (chance: 10%)")

@@ -158,5 +158,24 @@ def test_the_short_recipe_changes_only_what_it_names():
     changed = {k for k in dataclasses.asdict(apple) if getattr(short, k) != getattr(apple, k)}
     assert changed == {"recipe", "lr", "mixup", "cutmix", "randaugment", "reprob", "color_jitter", "rrc_scale"}
     assert short.peak_lr == 2e-3 and get_config("sa12", recipe="short", lr=1e-3, mixup=0.1).mixup == 0.1
-    with pytest.raises(ValueError, match="unknown recipe 'fast'; valid: apple, short"):
+    with pytest.raises(ValueError, match="unknown recipe 'fast'; valid: apple, short, demo"):
         get_config("t8", recipe="fast")
+
+
+def test_the_demo_is_a_named_recipe():
+    """`make demo` trains ``get_config('t8', recipe='demo')``: "short" on the embedded dataset, plus the
+    run's length, sizes and mesh; the demo entry point sets only paths (and sizes the user gives)."""
+    demo, short = get_config("t8", recipe="demo"), get_config("t8", recipe="short")
+    changed = {k: getattr(demo, k) for k in dataclasses.asdict(short) if getattr(demo, k) != getattr(short, k)}
+    assert changed == {"recipe": "demo", "dataset": "demo", "image_size": 48, "global_batch_size": 128,
+                       "num_epochs": None, "num_steps": 120, "warmup_steps": 8, "checkpoint_every": 60,
+                       "eval_every": 0, "log_every": 10, "eval_batch_size": 256, "crop_pct": 1.0,
+                       "dtype": "float32"}
+    import argparse
+
+    from fastvit_jax.training.flags import add_config_flags, config_from_flags
+
+    parser = argparse.ArgumentParser(argument_default=argparse.SUPPRESS)
+    add_config_flags(parser)
+    args = parser.parse_args(["--variant", "t8", "--recipe", "demo", "--num_steps", "7", "--workdir", "/nonexistent"])
+    assert config_from_flags(args) == get_config("t8", recipe="demo", num_steps=7, workdir="/nonexistent")

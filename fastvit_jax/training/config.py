@@ -49,10 +49,17 @@ VARIANT_RECIPE: Dict[str, Dict[str, float]] = {
 # on a small dataset (the demo, a quick fine-tune): an absolute peak lr that learns at any batch
 # size, no mixup/cutmix/RandAugment/erasing/colour jitter, a milder random-resized crop. Both
 # recipes scale the warm-up and the EMA horizon down to fit a short run (``training/plan.py``).
+# "demo": `make demo`'s run (``fastvit_jax/demo.py``): "short" on the embedded 10-class dataset, 120
+# steps of 128 images at 48 px (data-parallel over every device, the default mesh), float32, evaluated at the
+# end on the whole centre (crop_pct 1.0) of the validation images.
+_SHORT = {"lr": 2e-3, "mixup": 0.0, "cutmix": 0.0, "randaugment": "", "reprob": 0.0, "color_jitter": 0.0,
+          "rrc_scale": (0.35, 1.0)}
 RECIPES: Dict[str, Dict[str, Any]] = {
     "apple": {},
-    "short": {"lr": 2e-3, "mixup": 0.0, "cutmix": 0.0, "randaugment": "", "reprob": 0.0, "color_jitter": 0.0,
-              "rrc_scale": (0.35, 1.0)},
+    "short": _SHORT,
+    "demo": {**_SHORT, "dataset": "demo", "image_size": 48, "global_batch_size": 128, "num_epochs": None,
+             "num_steps": 120, "warmup_steps": 8, "checkpoint_every": 60, "eval_every": 0, "log_every": 10,
+             "eval_batch_size": 256, "crop_pct": 1.0, "dtype": "float32"},
 }
 
 # The recipe's warm-up (used when neither warmup_epochs nor warmup_steps is given) and
@@ -96,9 +103,10 @@ class TrainConfig:
 
     # What to train, on what.
     variant: str = option("t8", f"FastViT variant: {' '.join(ALL_VARIANTS)} (mci*: MobileCLIP image towers)")
-    recipe: str = option("apple", "named recipe under the flags you give: apple (Apple's ImageNet recipe) or short "
+    recipe: str = option("apple", "named recipe under the flags you give: apple (Apple's ImageNet recipe), short "
                                   "(runs of a few hundred steps on a small dataset: lr 2e-3, no mixup/cutmix/"
-                                  "RandAugment/erasing)", choices=tuple(RECIPES))
+                                  "RandAugment/erasing) or demo (make demo's run: short on the embedded dataset, "
+                                  "120 steps at 48 px)", choices=tuple(RECIPES))
     dataset: str = option("imagenet2012", "tfds image-classification dataset; 'demo' for the embedded 10-class "
                                           "offline dataset; or a folder of images (a path, or folder:PATH) with "
                                           "train/ and val/ subfolders of one folder per class")
@@ -259,7 +267,7 @@ def field_names() -> set:
 
 
 def get_config(variant: str = "t8", **overrides: Any) -> TrainConfig:
-    """The recipe for ``variant`` (Apple's, or ``recipe="short"``) with ``overrides`` applied.
+    """The recipe for ``variant`` (Apple's, or ``recipe="short"`` / ``"demo"``) with ``overrides`` applied.
 
     ``overrides`` are TrainConfig fields; None is applied too (``num_epochs=None`` lets
     ``num_steps`` set the schedule length). Raises ValueError for an unknown variant or field.
