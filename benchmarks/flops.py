@@ -89,7 +89,7 @@ def count_variant(variant: str, image_size: int = 256, forms: Sequence[str] = ("
 
 def run_flops(variants: Sequence[str] = ("t8", "t12", "s12", "sa12", "sa24", "sa36", "ma36"),
               image_size: int = 256) -> Dict[str, Any]:
-    from fastvit_jax.variants import (
+    from fastvit_variants import (
         MOBILECLIP_GMACS,
         OFFICIAL_GMACS,
         OFFICIAL_PARAM_COUNTS,
@@ -163,7 +163,7 @@ def markdown(result: Dict[str, Any]) -> str:
 def main(argv=None):
     common.prepare_process()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from fastvit_jax.variants import ALL_VARIANTS
+    from fastvit_variants import ALL_VARIANTS
 
     p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS))
     p.add_argument("--image_size", type=int, default=256)

@@ -27,7 +27,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks import common  # noqa: E402
-from fastvit_jax.variants import ALL_VARIANTS, VARIANTS  # noqa: E402  (pure Python)
+from fastvit_variants import ALL_VARIANTS, VARIANTS  # noqa: E402  (pure Python)
 
 # --quick keeps the params/GMACs table to the seven base variants (compiling mci3/mci4 at 256 px
 # for XLA's cost analysis takes minutes on a CPU); --full has all twelve, MobileCLIP towers included.

@@ -134,7 +134,7 @@ def run(variants: Sequence[str], image_size: int = 128) -> Dict[str, Any]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from fastvit_jax.variants import ALL_VARIANTS
+    from fastvit_variants import ALL_VARIANTS
 
     p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS))
     p.add_argument("--image_size", type=int, default=128)

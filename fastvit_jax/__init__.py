@@ -3,11 +3,11 @@
 ``VARIANTS``: the seven ImageNet models (t8 ... ma36); ``MOBILECLIP_VARIANTS``: the MobileCLIP
 towers (mci0 ... mci4); ``ALL_VARIANTS``: both.
 
-The public names are loaded lazily so that ``fastvit_jax.variants`` (pure Python)
-can be imported without JAX, e.g. by ``torch_ref``.
+The variant table is the pure-Python package ``fastvit_variants`` (shared with ``torch_ref``);
+the other public names are loaded lazily, on first use.
 """
 
-from fastvit_jax.variants import (  # noqa: F401  (pure Python)
+from fastvit_variants import (  # noqa: F401  (pure Python)
     ALL_VARIANTS,
     MOBILECLIP_VARIANTS,
     VARIANTS,

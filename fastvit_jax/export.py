@@ -170,7 +170,7 @@ def export(checkpoint: str, output: str, *, fmt: Optional[str] = None, image_siz
     """Export ``checkpoint`` (any file ``load_model`` reads) to ``output``; see the module docstring."""
     from fastvit_jax.io import write_atomically
     from fastvit_jax.loading import load_model
-    from fastvit_jax.variants import check_image_size
+    from fastvit_variants import check_image_size
 
     fmt = format_of(output, fmt)
     if os.path.exists(output) and not overwrite:

@@ -19,7 +19,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
-from fastvit_jax.variants import pretrained_cfg
+from fastvit_variants import pretrained_cfg
 
 FORMAT = "fastvit_jax.variables/1"
 

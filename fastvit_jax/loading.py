@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from fastvit_jax import hub
 from fastvit_jax.layers import trunc_normal_02
 from fastvit_jax.model import FastVit, create_model
-from fastvit_jax.variants import PretrainedCfg, pretrained_cfg
+from fastvit_variants import PretrainedCfg, pretrained_cfg
 from fastvit_jax.weights.files import load_weights
 from fastvit_jax.weights.state_dict import ConversionError
 

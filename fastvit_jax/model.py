@@ -20,8 +20,8 @@ from fastvit_jax.layers import (
 from fastvit_jax.conv import materialize, needs_materialized_input
 from fastvit_jax.fusion import is_fused
 from fastvit_jax.remat import check_policy, rematerialized
-from fastvit_jax.variants import PretrainedCfg, VariantConfig, drop_path_rates, get_variant
-from fastvit_jax.variants import pretrained_cfg as default_pretrained_cfg
+from fastvit_variants import PretrainedCfg, VariantConfig, drop_path_rates, get_variant
+from fastvit_variants import pretrained_cfg as default_pretrained_cfg
 
 __all__ = ["FastVit", "FastVitStage", "ClassifierHead", "create_model", "drop_path_rates"]
 

@@ -39,7 +39,7 @@ EMBEDDING_SHOWN = 8  # values of an embedding printed as text (--json prints all
 def is_embedding_model(model) -> bool:
     """True when the model's output is an embedding, not class logits: no classifier (num_classes 0), or a
     MobileCLIP image tower whose head is the published CLIP projection (and no class names say otherwise)."""
-    from fastvit_jax.variants import MOBILECLIP_VARIANTS, get_variant
+    from fastvit_variants import MOBILECLIP_VARIANTS, get_variant
 
     if model.num_classes == 0:
         return True

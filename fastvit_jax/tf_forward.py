@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from fastvit_jax.fusion import BN_EPS, is_fused
 from fastvit_jax.layers import same_padding
-from fastvit_jax.variants import VariantConfig
+from fastvit_variants import VariantConfig
 
 Tree = Mapping[str, Any]
 

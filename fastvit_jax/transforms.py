@@ -15,7 +15,7 @@ from typing import Any, Callable, List, Sequence, Union
 
 import numpy as np
 
-from fastvit_jax.variants import PretrainedCfg
+from fastvit_variants import PretrainedCfg
 
 ImageInput = Union[str, os.PathLike, bytes, np.ndarray, Any]  # Any: a PIL.Image.Image
 

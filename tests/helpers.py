@@ -76,7 +76,7 @@ def assert_tf_forward_parity(variant: str, fused: torch.nn.Module, fused_variabl
     import tensorflow as tf
 
     from fastvit_jax.tf_forward import forward
-    from fastvit_jax.variants import get_variant
+    from fastvit_variants import get_variant
 
     x = images((3, 3, size, size), seed=5)
     ref = torch_logits(fused, x)

@@ -169,7 +169,7 @@ def test_conv_macs_match_official_t8():
 
     import fastvit_jax
     from benchmarks.flops import jaxpr_macs
-    from fastvit_jax.variants import OFFICIAL_GMACS
+    from fastvit_variants import OFFICIAL_GMACS
 
     for fused, official in ((False, OFFICIAL_GMACS["t8"][0]), (True, OFFICIAL_GMACS["t8"][1])):
         model = fastvit_jax.create_model("t8", inference_mode=fused, lowering="native")

@@ -18,7 +18,7 @@ import torch_ref
 from convert import flax2torch, torch2flax
 from fastvit_jax.weights.layouts import timm_to_apple
 from fastvit_jax.io import load_metadata, load_variables
-from fastvit_jax.variants import get_variant
+from fastvit_variants import get_variant
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,7 @@ import torch
 import torch_ref
 from convert.core import convert_state_dict, variables_to_state_dict
 from fastvit_jax.weights.layouts import timm_to_apple
-from fastvit_jax.variants import VARIANTS, get_variant
+from fastvit_variants import VARIANTS, get_variant
 from helpers import (
     assert_parity,
     assert_tf_forward_parity,

@@ -160,7 +160,7 @@ def test_tflite_export_of_a_narrow_five_stage_layernorm_tower(tmp_path):
 
     from fastvit_jax.model import FastVit
     from fastvit_jax.reparam import reparameterize
-    from fastvit_jax.variants import get_variant
+    from fastvit_variants import get_variant
     from fastvit_jax.weights.keys import torch_to_flax
     from torch_ref.model import FastVit as TorchFastVit
     from torch_ref.testing import make_nontrivial

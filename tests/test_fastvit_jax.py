@@ -16,7 +16,7 @@ from fastvit_jax import reparam
 from fastvit_jax.compare import relative_error
 from fastvit_jax.conv import conv2d
 from fastvit_jax.layers import MobileOneBlock, RepConditionalPosEnc, ReparamLargeKernelConv, RepMixer
-from fastvit_jax.variants import OFFICIAL_PARAM_COUNTS, VARIANTS
+from fastvit_variants import OFFICIAL_PARAM_COUNTS, VARIANTS
 from helpers import assert_parity, collectives_in, images, jax_apply, jax_logits, torch_model
 
 
@@ -343,7 +343,8 @@ def test_packages_do_not_import_each_other():
     # torch_ref imports torch, so each direction is checked in a fresh process of its own.
     code = ("import sys, torch_ref, torch_ref.model; "
             "assert 'jax' not in sys.modules and 'flax' not in sys.modules, 'torch_ref imported jax'; "
-            "assert 'convert' not in sys.modules, 'torch_ref imported convert'")
+            "assert 'convert' not in sys.modules, 'torch_ref imported convert'; "
+            "assert 'fastvit_jax' not in sys.modules, 'torch_ref imported fastvit_jax (the table is fastvit_variants)'")
     subprocess.run([sys.executable, "-c", code], check=True)
     code2 = ("import sys, fastvit_jax.model, fastvit_jax.reparam, fastvit_jax.io, fastvit_jax.training.trainer; "
              "assert 'torch' not in sys.modules and 'torch_ref' not in sys.modules, 'fastvit_jax imported torch'; "

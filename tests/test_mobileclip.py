@@ -24,7 +24,7 @@ import torch
 import fastvit_jax
 import torch_ref
 from convert.core import convert_state_dict, variables_to_state_dict
-from fastvit_jax.variants import (
+from fastvit_variants import (
     MOBILECLIP_GMACS,
     MOBILECLIP_VARIANTS,
     OPENAI_CLIP_MEAN,

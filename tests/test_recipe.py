@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fastvit_jax.training.config import RECIPE_EMA_DECAY, RECIPE_WARMUP_EPOCHS, TrainConfig, get_config
-from fastvit_jax.variants import ALL_VARIANTS
+from fastvit_variants import ALL_VARIANTS
 
 # ml-fastvit train.py defaults (8 GPUs x 128 images; the per-GPU batch 128 is the README's -b 128).
 APPLE_SHARED = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import torch_ref
-from fastvit_jax.variants import OFFICIAL_PARAM_COUNTS, VARIANTS
+from fastvit_variants import OFFICIAL_PARAM_COUNTS, VARIANTS
 from fastvit_jax.compare import relative_error
 from torch_ref.testing import make_nontrivial
 

@@ -358,7 +358,7 @@ def test_sigterm_during_compilation_and_final_evaluation(data_dir, tmp_path, cap
     assert status == 0 and "done: step 10" in out and os.listdir(wd / "export")
     from fastvit_jax.data.pipeline import dataset_info
     from fastvit_jax.io import load_metadata
-    from fastvit_jax.variants import PretrainedCfg
+    from fastvit_variants import PretrainedCfg
 
     exported = os.path.join(wd / "export", os.listdir(wd / "export")[0])  # the class names travel with the weights
     data_config = PretrainedCfg.from_dict(json.loads(load_metadata(exported)["pretrained_cfg"]))

@@ -8,7 +8,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from fastvit_jax.variants import (  # pure Python, no JAX
+from fastvit_variants import (  # pure Python, no JAX
     ALL_VARIANTS,
     MOBILECLIP_VARIANTS,
     VARIANTS,

@@ -42,7 +42,7 @@ import tensorflow_datasets as tfds
 
 from fastvit_jax.data import randaugment as ra
 from fastvit_jax.data.folder import FolderDatasetError, folder_path, load_image_folder  # noqa: F401
-from fastvit_jax.variants import IMAGENET_MEAN, IMAGENET_STD
+from fastvit_variants import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _hide_accelerators_from_tf() -> None:

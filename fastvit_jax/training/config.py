@@ -22,7 +22,7 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 from fastvit_jax.io import write_text_atomically
-from fastvit_jax.variants import ALL_VARIANTS, canonical_name, check_image_size, get_variant, pretrained_cfg
+from fastvit_variants import ALL_VARIANTS, canonical_name, check_image_size, get_variant, pretrained_cfg
 
 CONFIG_FILENAME = "config.json"
 

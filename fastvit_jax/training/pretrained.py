@@ -23,7 +23,7 @@ from fastvit_jax.io import save_variables
 from fastvit_jax.model import create_model
 from fastvit_jax.reparam import reparameterize
 from fastvit_jax.training.config import TrainConfig
-from fastvit_jax.variants import pretrained_cfg
+from fastvit_variants import pretrained_cfg
 from fastvit_jax.weights.files import read_weights_file
 from fastvit_jax.weights.state_dict import ConversionError, cast_floats, convert_state_dict, describe_variables
 

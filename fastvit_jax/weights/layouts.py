@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from fastvit_jax.variants import VariantConfig
+from fastvit_variants import VariantConfig
 
 LAYOUTS = ("timm", "apple")
 # Detected source layouts of full CLIP checkpoints (their image towers are timm / Apple inside).

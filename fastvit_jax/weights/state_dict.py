@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from fastvit_jax.fusion import is_fused
-from fastvit_jax.variants import ALL_VARIANTS, canonical_name, get_variant
+from fastvit_variants import ALL_VARIANTS, canonical_name, get_variant
 from fastvit_jax.weights.keys import _to_numpy, flax_shapes_to_torch, flax_to_torch, torch_to_flax
 from fastvit_jax.weights.layouts import (
     LAYOUTS,
