@@ -121,31 +121,25 @@ class FastVit(nn.Module):
         cfg = self.cfg
         common = dict(inference_mode=self.inference_mode, dtype=self.dtype, lowering=self.lowering)
         ls_init = cfg.layer_scale_init if self.layer_scale_init_value is None else self.layer_scale_init_value
-        c0 = cfg.embed_dims[0]
-        # Lists assigned in setup are named stem_0.., stages_0.. (torch: stem.0, stages.0).
-        scale = cfg.stem_use_scale_branch
+        # The structure is the variant's plan (fastvit_variants: stem_plan, stage_plans, final_conv_plan),
+        # as in torch_ref and the TensorFlow forward. Lists assigned in setup are named stem_0..,
+        # stages_0.. (torch: stem.0, stages.0).
         # The stem (the largest activations, at strides 2 and 4), the downsamples and the final
         # conv are rematerialized like the blocks: under 'elementwise' the backward keeps only
         # their conv outputs too.
         mobileone = rematerialized(MobileOneBlock, self.remat)
-        self.stem = [
-            mobileone(3, c0, 3, 2, use_scale_branch=scale, **common),
-            mobileone(c0, c0, 3, 2, groups=c0, use_scale_branch=scale, **common),
-            mobileone(c0, c0, 1, 1, **common),
-        ]
+        self.stem = [mobileone(b.in_dim, b.out_dim, b.kernel_size, b.stride, groups=b.groups,
+                               use_scale_branch=b.scale_branch, use_se=b.se, **common) for b in cfg.stem_plan()]
         dpr = drop_path_rates(cfg.layers, self.drop_path_rate)
-        downsamples = cfg.stage_downsamples()
-        stages, prev = [], c0
-        for i, (depth, dim) in enumerate(zip(cfg.layers, cfg.embed_dims)):
-            stages.append(FastVitStage(
-                prev, dim, depth, cfg.token_mixers[i], downsample=downsamples[i], pos_emb=cfg.pos_emb[i],
-                mlp_ratio=cfg.mlp_ratio, kernel_size=cfg.repmixer_kernel_size, drop_path=tuple(dpr[i]),
-                layer_scale_init_value=ls_init, drop=self.proj_drop_rate, head_dim=cfg.head_dim,
-                se_downsample=cfg.se_downsamples[i], lkc_use_act=cfg.lkc_use_act,
-                attention_norm=cfg.attention_norm, remat=self.remat, **common))
-            prev = dim
-        self.stages = stages
-        self.final_conv = mobileone(prev, cfg.num_features, 3, 1, groups=prev, use_se=True, **common)
+        self.stages = [FastVitStage(
+            st.in_dim, st.dim, st.depth, st.token_mixer, downsample=st.downsample, pos_emb=st.pos_emb,
+            mlp_ratio=cfg.mlp_ratio, kernel_size=cfg.repmixer_kernel_size, drop_path=tuple(dpr[st.index]),
+            layer_scale_init_value=ls_init, drop=self.proj_drop_rate, head_dim=cfg.head_dim,
+            se_downsample=st.se_downsample, lkc_use_act=cfg.lkc_use_act, attention_norm=cfg.attention_norm,
+            remat=self.remat, **common) for st in cfg.stage_plans()]
+        fc = cfg.final_conv_plan()
+        self.final_conv = mobileone(fc.in_dim, fc.out_dim, fc.kernel_size, fc.stride, groups=fc.groups,
+                                    use_scale_branch=fc.scale_branch, use_se=fc.se, **common)
         self.head = ClassifierHead(self.num_classes, self.drop_rate, self.dtype)
 
     def forward_stages(self, x: jax.Array, train: bool = False,

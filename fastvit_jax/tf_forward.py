@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 import tensorflow as tf
 
-from fastvit_jax.fusion import BN_EPS, is_fused
+from fastvit_jax.fusion import BN_EPS, FUSED_CONV, is_fused
 from fastvit_jax.layers import same_padding
 from fastvit_variants import VariantConfig
 
@@ -74,9 +74,10 @@ def squeeze_excite(x: tf.Tensor, params: Tree) -> tf.Tensor:
     return x * tf.sigmoid(conv(s, params["fc2"]))
 
 
-def mobileone(x: tf.Tensor, params: Tree, stride: int = 1, act: bool = True) -> tf.Tensor:
-    y = conv(x, params["reparam_conv"], stride)
-    if "se" in params:
+def mobileone(x: tf.Tensor, params: Tree, stride: int = 1, act: bool = True, se: bool = False) -> tf.Tensor:
+    """A fused MobileOne block (or large-kernel conv): conv, [squeeze-excite], [GELU]."""
+    y = conv(x, params[FUSED_CONV], stride)
+    if se:
         y = squeeze_excite(y, params["se"])
     return gelu(y) if act else y
 
@@ -100,37 +101,42 @@ def attention(x: tf.Tensor, params: Tree, head_dim: int) -> tf.Tensor:
 
 
 def repmixer_block(x: tf.Tensor, params: Tree, stats: Tree) -> tf.Tensor:
-    x = conv(x, params["token_mixer"]["reparam_conv"])
+    x = conv(x, params["token_mixer"][FUSED_CONV])
     return x + conv_mlp(x, params["mlp"], stats["mlp"]) * _const(params["layer_scale"]["gamma"])
 
 
-def attention_block(x: tf.Tensor, params: Tree, stats: Tree, head_dim: int) -> tf.Tensor:
-    norm = batch_norm(x, params["norm"], stats["norm"]) if "norm" in stats else layer_norm(x, params["norm"])
+def attention_block(x: tf.Tensor, params: Tree, stats: Tree, head_dim: int, norm_kind: str) -> tf.Tensor:
+    norm = batch_norm(x, params["norm"], stats["norm"]) if norm_kind == "batchnorm" else layer_norm(x, params["norm"])
     y = attention(norm, params["token_mixer"], head_dim)
     x = x + y * _const(params["layer_scale_1"]["gamma"])
     return x + conv_mlp(x, params["mlp"], stats["mlp"]) * _const(params["layer_scale_2"]["gamma"])
 
 
 def forward(x: tf.Tensor, variables: Tree, cfg: VariantConfig) -> tf.Tensor:
-    """(B, H, W, 3) -> (B, num_classes) logits (pooled features when the head has no ``fc``)."""
+    """(B, H, W, 3) -> (B, num_classes) logits (pooled features when the head has no ``fc``).
+
+    The structure is the variant's plan (``cfg.stem_plan()``, ``stage_plans()``, ``final_conv_plan()``),
+    the one the Flax model and torch_ref are built from; the variables only provide the weights.
+    """
     params, stats = variables["params"], variables.get("batch_stats", {})
     if not is_fused(params["stem_0"]):
         raise ValueError("tf_forward needs fused variables: run fastvit_jax.reparameterize first")
-    for i, stride in enumerate((2, 2, 1)):
-        x = mobileone(x, params[f"stem_{i}"], stride)
-    for s, depth in enumerate(cfg.layers):
-        stage, stage_stats = params[f"stages_{s}"], stats.get(f"stages_{s}", {})
-        if "downsample" in stage:  # large-kernel conv (+ SE and GELU in the MobileCLIP towers), 1x1 MobileOne
-            x = mobileone(x, stage["downsample"]["proj_0"], 2, act=cfg.lkc_use_act)
+    for i, b in enumerate(cfg.stem_plan()):
+        x = mobileone(x, params[f"stem_{i}"], b.stride, se=b.se)
+    for st in cfg.stage_plans():
+        stage, stage_stats = params[f"stages_{st.index}"], stats.get(f"stages_{st.index}", {})
+        if st.downsample:  # large-kernel conv (+ SE and GELU in the MobileCLIP towers), 1x1 MobileOne
+            x = mobileone(x, stage["downsample"]["proj_0"], 2, act=cfg.lkc_use_act, se=st.se_downsample)
             x = mobileone(x, stage["downsample"]["proj_1"])
-        if "pos_emb" in stage:
-            x = conv(x, stage["pos_emb"]["reparam_conv"])
-        for b in range(depth):
+        if st.pos_emb:
+            x = conv(x, stage["pos_emb"][FUSED_CONV])
+        for b in range(st.depth):
             block, block_stats = stage[f"blocks_{b}"], stage_stats.get(f"blocks_{b}", {})
-            if cfg.token_mixers[s] == "attention":
-                x = attention_block(x, block, block_stats, cfg.head_dim)
+            if st.token_mixer == "attention":
+                x = attention_block(x, block, block_stats, cfg.head_dim, cfg.attention_norm)
             else:
                 x = repmixer_block(x, block, block_stats)
-    x = tf.reduce_mean(mobileone(x, params["final_conv"]), axis=[1, 2])
+    fc_plan = cfg.final_conv_plan()
+    x = tf.reduce_mean(mobileone(x, params["final_conv"], fc_plan.stride, se=fc_plan.se), axis=[1, 2])
     fc = params.get("head", {}).get("fc")
     return tf.matmul(x, _const(fc["kernel"])) + _const(fc["bias"]) if fc else x

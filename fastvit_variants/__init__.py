@@ -25,6 +25,8 @@ __all__ = [
     "MOBILECLIP_VARIANTS",
     "ALL_VARIANTS",
     "VariantConfig",
+    "StagePlan",
+    "ConvBlockPlan",
     "get_variant",
     "canonical_name",
     "OFFICIAL_PARAM_COUNTS",
@@ -126,7 +128,7 @@ class VariantConfig:
     @property
     def reduction(self) -> int:
         """Total stride: the stem's 4 times 2 per downsampling stage (32, or 64 for mci3/mci4)."""
-        return 4 * 2 ** sum(self.stage_downsamples())
+        return self.stage_plans()[-1].stride
 
     def stage_downsamples(self) -> Tuple[bool, ...]:
         """Per stage, whether it starts with a PatchEmbed (as timm: asked for, or a width change)."""
@@ -135,6 +137,60 @@ class VariantConfig:
             out.append(bool(down) or prev != dim)
             prev = dim
         return tuple(out)
+
+    def stem_plan(self, in_chans: int = 3) -> Tuple["ConvBlockPlan", ...]:
+        """The stem's three MobileOne blocks (``stem_0`` .. ``stem_2``): 3x3/2, depthwise 3x3/2, 1x1."""
+        c0, scale = self.embed_dims[0], self.stem_use_scale_branch
+        return (ConvBlockPlan(in_chans, c0, 3, 2, 1, scale_branch=scale),
+                ConvBlockPlan(c0, c0, 3, 2, c0, scale_branch=scale),
+                ConvBlockPlan(c0, c0, 1, 1, 1))
+
+    def stage_plans(self) -> Tuple["StagePlan", ...]:
+        """Every stage in order: what it holds, its widths and the stride of its output."""
+        plans, prev, stride = [], self.embed_dims[0], 4
+        for i, (down, depth, dim) in enumerate(zip(self.stage_downsamples(), self.layers, self.embed_dims)):
+            stride *= 2 if down else 1
+            plans.append(StagePlan(i, prev, dim, depth, self.token_mixers[i], down, self.se_downsamples[i],
+                                   self.pos_emb[i], stride))
+            prev = dim
+        return tuple(plans)
+
+    def final_conv_plan(self) -> "ConvBlockPlan":
+        """``final_conv``: a depthwise 3x3 MobileOne block to ``num_features`` channels, with squeeze-excite."""
+        c = self.embed_dims[-1]
+        return ConvBlockPlan(c, self.num_features, 3, 1, c, se=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvBlockPlan:
+    """A MobileOne block outside the stages (the stem's, the final conv)."""
+
+    in_dim: int
+    out_dim: int
+    kernel_size: int
+    stride: int
+    groups: int
+    scale_branch: bool = True  # the 1x1 conv-BN branch of a k > 1 block
+    se: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """One stage of the forward pass: [``downsample``] -> [``pos_emb``] -> ``blocks_0`` ...
+
+    The one description of a variant's structure that the Flax model, the PyTorch twin, the
+    TensorFlow (TFLite) forward and Apple's key layout all follow.
+    """
+
+    index: int
+    in_dim: int  # channels entering the stage
+    dim: int  # channels of its blocks
+    depth: int
+    token_mixer: str  # 'repmixer' or 'attention'
+    downsample: bool  # a PatchEmbed first: 7x7 large-kernel conv at stride 2, then a 1x1 MobileOne block
+    se_downsample: bool  # squeeze-excite after that large-kernel conv
+    pos_emb: bool  # a RepCPE (7x7 depthwise conv + identity) before the blocks
+    stride: int  # total stride of the stage's output
 
 
 ATTENTION_NORMS = ("batchnorm", "layernorm")

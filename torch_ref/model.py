@@ -96,28 +96,22 @@ class FastVit(nn.Module):
         self.num_classes = num_classes
         self.inference_mode = inference_mode
         ls_init = cfg.layer_scale_init if layer_scale_init_value is None else layer_scale_init_value
-        c0 = cfg.embed_dims[0]
-        scale = cfg.stem_use_scale_branch
-        self.stem = nn.Sequential(
-            MobileOneBlock(in_chans, c0, 3, 2, inference_mode=inference_mode, use_scale_branch=scale),
-            MobileOneBlock(c0, c0, 3, 2, groups=c0, inference_mode=inference_mode, use_scale_branch=scale),
-            MobileOneBlock(c0, c0, 1, 1, inference_mode=inference_mode),
-        )
+        # The structure is the variant's plan (fastvit_variants), as in fastvit_jax and the TF forward.
+        self.stem = nn.Sequential(*[
+            MobileOneBlock(b.in_dim, b.out_dim, b.kernel_size, b.stride, groups=b.groups, inference_mode=inference_mode,
+                           use_se=b.se, use_scale_branch=b.scale_branch)
+            for b in cfg.stem_plan(in_chans)])
         dpr = drop_path_rates(cfg.layers, drop_path_rate)
-        downsamples = cfg.stage_downsamples()
-        stages, prev = [], c0
-        for i, (depth, dim) in enumerate(zip(cfg.layers, cfg.embed_dims)):
-            stages.append(FastVitStage(
-                prev, dim, depth, cfg.token_mixers[i], downsample=downsamples[i], pos_emb=cfg.pos_emb[i],
-                mlp_ratio=cfg.mlp_ratio, kernel_size=cfg.repmixer_kernel_size, drop_path=dpr[i],
-                layer_scale_init_value=ls_init, drop=proj_drop_rate, head_dim=cfg.head_dim,
-                se_downsample=cfg.se_downsamples[i], lkc_use_act=cfg.lkc_use_act,
-                attention_norm=cfg.attention_norm, inference_mode=inference_mode))
-            prev = dim
-        self.stages = nn.Sequential(*stages)
+        self.stages = nn.Sequential(*[FastVitStage(
+            st.in_dim, st.dim, st.depth, st.token_mixer, downsample=st.downsample, pos_emb=st.pos_emb,
+            mlp_ratio=cfg.mlp_ratio, kernel_size=cfg.repmixer_kernel_size, drop_path=dpr[st.index],
+            layer_scale_init_value=ls_init, drop=proj_drop_rate, head_dim=cfg.head_dim,
+            se_downsample=st.se_downsample, lkc_use_act=cfg.lkc_use_act, attention_norm=cfg.attention_norm,
+            inference_mode=inference_mode) for st in cfg.stage_plans()])
         self.num_features = cfg.num_features
-        self.final_conv = MobileOneBlock(prev, self.num_features, 3, 1, groups=prev, inference_mode=inference_mode,
-                                         use_se=True)
+        fc = cfg.final_conv_plan()
+        self.final_conv = MobileOneBlock(fc.in_dim, fc.out_dim, fc.kernel_size, fc.stride, groups=fc.groups,
+                                         inference_mode=inference_mode, use_se=fc.se, use_scale_branch=fc.scale_branch)
         self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
         for m in self.modules():
             if isinstance(m, nn.Linear):

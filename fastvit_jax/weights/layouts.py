@@ -106,13 +106,12 @@ def apple_to_timm(state_dict: Mapping[str, object]) -> Dict[str, object]:
 def apple_network_indices(cfg: VariantConfig) -> Tuple[Dict[int, int], Dict[int, int], Dict[int, int]]:
     """Apple's flat ``network`` indices: (downsample, pos_emb, blocks) per stage."""
     down, pe, blocks, idx = {}, {}, {}, 0
-    downsamples = cfg.stage_downsamples()
-    for s in range(len(cfg.layers)):
-        if downsamples[s]:
-            down[s], idx = idx, idx + 1
-        if cfg.pos_emb[s]:
-            pe[s], idx = idx, idx + 1
-        blocks[s], idx = idx, idx + 1
+    for st in cfg.stage_plans():  # Apple's network list: [downsample], [pos_emb], the blocks, per stage
+        if st.downsample:
+            down[st.index], idx = idx, idx + 1
+        if st.pos_emb:
+            pe[st.index], idx = idx, idx + 1
+        blocks[st.index], idx = idx, idx + 1
     return down, pe, blocks
 
 
