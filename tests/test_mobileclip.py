@@ -294,7 +294,10 @@ def test_image_embedding_matches_torch():
 @pytest.mark.xdist_group("mci0")
 def test_fine_tune_a_converted_tower_with_a_new_head(tmp_path):
     """open_clip checkpoint -> Flax file -> the trainer (``train_tpu.py --variant mci0 --init_from``):
-    the tower's body is loaded, the 512-wide CLIP head is replaced by a fresh 10-class one."""
+    the tower's body is loaded, the 512-wide CLIP head is replaced by a fresh 1000-class one. The
+    data is a tiny ImageNet through the real tfds builder (8 validation images: the run's final
+    evaluation of the weights and their EMA is short)."""
+    from fake_imagenet import make_fake_imagenet
     from fastvit_jax.training import trainer
     from fastvit_jax.training.config import get_config
 
@@ -302,13 +305,14 @@ def test_fine_tune_a_converted_tower_with_a_new_head(tmp_path):
         tower = convert_state_dict(_open_clip(_tower_sd("mci0")))
     model = fastvit_jax.create_model("mci0", num_classes=tower.num_classes)
     path = fastvit_jax.save_variables(str(tmp_path / "mci0.safetensors"), tower.variables, model=model)
+    make_fake_imagenet(str(tmp_path / "tfds"), str(tmp_path / "manual"), num_classes_used=4, per_class=2, num_val=8)
     cfg = get_config(
-        "mci0", dataset="demo", data_dir=str(tmp_path / "tfds"), workdir=str(tmp_path / "ft"), init_from=path,
+        "mci0", dataset="imagenet2012", data_dir=str(tmp_path / "tfds"), workdir=str(tmp_path / "ft"), init_from=path,
         global_batch_size=8, image_size=64, num_epochs=None, num_steps=1, warmup_steps=1, eval_every=0,
         eval_batch_size=8, log_every=1, randaugment="", reprob=0.0, export=False, plot=False, progress=False)
     # native convs: the train step compiles ~3x faster on CPU than with the 'shift' default
     res = trainer.train_and_evaluate(cfg, model_fn=functools.partial(fastvit_jax.create_model, lowering="native"))
     params = jax.device_get(res.state.params)
-    assert params["head"]["fc"]["kernel"].shape == (1024, 10)
+    assert params["head"]["fc"]["kernel"].shape == (1024, 1000)
     loaded = tower.variables["params"]["stages_3"]["blocks_0"]["token_mixer"]["qkv"]["kernel"]
     np.testing.assert_allclose(params["stages_3"]["blocks_0"]["token_mixer"]["qkv"]["kernel"], loaded, atol=5e-3)
