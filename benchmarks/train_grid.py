@@ -11,8 +11,9 @@ For each variant and batch size, in one process and timed round-robin (``benchma
 
 The step is ``benchmarks.train_step``'s (forward with BatchNorm in train mode, cross-entropy,
 backward, AdamW), JAX in bfloat16 on accelerators. One batch size at a time, both JAX programs
-are traced, compiled (``--compile_threads`` at a time; 1 by default: two parallel compiles on an
-H200 did not finish within 140 s, where one takes ~35 s) and timed, and the row is written out, so
+are traced, compiled (``--compile_threads`` at a time; 1 by default: a run compiling two in
+parallel on an H200 reached no row within 140 s, where one t8 step compiled in ~35 s on its
+own) and timed, and the row is written out, so
 a step cut off by a time limit keeps the rows it finished. With ``--trace_file`` the first
 variant's ``jax_after`` step at the first batch size is also profiled: its Perfetto trace is
 copied there and the time per HLO op and per model scope goes into the JSON.
