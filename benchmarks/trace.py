@@ -23,7 +23,7 @@ import json
 import os
 import re
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 
 from benchmarks import common
@@ -105,13 +105,7 @@ def build(what: str, variant: str, batch: int, image_size: int, fused: bool, low
         variables = common.flax_variables_from_torch(common.torch_model(variant))
         compiled, state, x, y, _, _ = train_step.build_jax_step(variant, variables, batch, image_size,
                                                                  lowering=lowering)
-        holder = {"state": state}
-
-        def call():
-            holder["state"], loss = compiled(holder["state"], x, y)
-            return loss.block_until_ready()
-
-        return call, compiled.as_text()
+        return train_step.jax_step_call(compiled, state, x, y), compiled.as_text()
     from benchmarks import inference
 
     tm = common.torch_model(variant)
@@ -123,27 +117,36 @@ def build(what: str, variant: str, batch: int, image_size: int, fused: bool, low
     return (lambda: jax.block_until_ready(compiled(variables, x))), compiled.as_text()
 
 
+def profile_calls(call: Callable[[], Any], hlo_text: str, steps: int, trace_dir: str,
+                  top: int = 25) -> Dict[str, Any]:
+    """``steps`` blocking calls of a compiled executable (``hlo_text``: its ``as_text()``) under
+    ``jax.profiler.trace`` into ``trace_dir``; their time summed per HLO op and per model scope."""
+    import time
+
+    import jax
+
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            call()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    names = hlo_op_names(hlo_text)
+    times = op_times(read_trace_events(trace_dir), names, steps)
+    if not times:
+        raise RuntimeError(f"no event in the trace under {trace_dir} is an op of the compiled executable")
+    return summarize(times, names, wall_ms, top)
+
+
 def run_trace(what: str = "forward", variant: str = "t8", batch: int = 8, image_size: int = 256, fused: bool = True,
               steps: int = 5, lowering: Optional[str] = None, trace_dir: Optional[str] = None,
               top: int = 25) -> Dict[str, Any]:
-    import time
-
     import jax
 
     call, hlo = build(what, variant, batch, image_size, fused, lowering)
     for _ in range(2):
         call()
     trace_dir = trace_dir or tempfile.mkdtemp(prefix="fastvit-trace-")
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            call()
-        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-    names = hlo_op_names(hlo)
-    times = op_times(read_trace_events(trace_dir), names, steps)
-    if not times:
-        raise RuntimeError(f"no event in the trace under {trace_dir} is an op of the compiled executable")
-    out = summarize(times, names, wall_ms, top)
+    out = profile_calls(call, hlo, steps, trace_dir, top)
     out.update({"what": what, "variant": variant, "batch": batch, "image_size": image_size,
                 "form": "fused" if fused and what == "forward" else "unfused", "steps": steps,
                 "backend": jax.default_backend(), "trace_dir": trace_dir})

@@ -44,16 +44,9 @@ TINY = dict(variants=["t8"], batch_sizes=[2], image_size=32, repeats=2, warmup=1
 
 def train_flops_per_image(variant: str, image_size: int) -> float:
     """3 x forward FLOPs (2 x conv + matmul MACs of the train form, counted on the jaxpr)."""
-    import jax
-    import jax.numpy as jnp
+    from benchmarks.flops import abstract_model, forward_macs
 
-    import fastvit_jax
-    from benchmarks.flops import jaxpr_macs
-
-    model = fastvit_jax.create_model(variant, num_classes=1000, lowering="native")
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
-    return 3 * 2 * jaxpr_macs(lambda v, xx: model.apply(v, xx, train=False), shapes, x)
+    return 3 * 2 * forward_macs(*abstract_model(variant, "unfused"), image_size)
 
 
 def _traced_with(config: str):
@@ -83,16 +76,6 @@ def compile_all(lowered: Dict[Any, Any], threads: int) -> Dict[Any, Dict[str, An
         return {k: f.result() for k, f in futures.items()}
 
 
-def _jax_call(compiled, state, x, y) -> Callable[[], float]:
-    holder = {"state": state}
-
-    def call():
-        holder["state"], loss = compiled(holder["state"], x, y)
-        return float(loss)  # blocks until the step is done
-
-    return call
-
-
 def _torch_peak_mib(fn: Callable[[], Any]) -> Optional[float]:
     import torch
 
@@ -105,19 +88,10 @@ def _torch_peak_mib(fn: Callable[[], Any]) -> Optional[float]:
 
 def profile_step(call: Callable[[], Any], compiled, steps: int, trace_file: str) -> Dict[str, Any]:
     """Profile ``steps`` calls; copy the Perfetto trace to ``trace_file``; time per HLO op and scope."""
-    import jax
-
     from benchmarks import trace
 
     trace_dir = tempfile.mkdtemp(prefix="fastvit-grid-trace-")
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            call()
-        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-    names = trace.hlo_op_names(compiled.as_text())
-    times = trace.op_times(trace.read_trace_events(trace_dir), names, steps)
-    out = trace.summarize(times, names, wall_ms, top=15)
+    out = trace.profile_calls(call, compiled.as_text(), steps, trace_dir, top=15)
     src = trace.perfetto_trace_path(trace_dir)
     os.makedirs(os.path.dirname(os.path.abspath(trace_file)), exist_ok=True)
     shutil.copyfile(src, trace_file)
@@ -187,7 +161,7 @@ def _grid_variant(result: Dict[str, Any], variant: str, batch_sizes: Sequence[in
         result["compiles"].append({"variant": variant, "batch": batch, "programs": len(programs),
                                    "wall_s": time.perf_counter() - t0, "threads": compile_threads})
         on_progress(result)
-        fns = {c: _jax_call(programs[batch, c]["compiled"], *inputs[batch, c]) for c in CONFIGS}
+        fns = {c: train_step.jax_step_call(programs[batch, c]["compiled"], *inputs[batch, c]) for c in CONFIGS}
         fns["torch_eager"] = train_step.build_torch_step(tm, batch, image_size, channels_last=channels_last)
         first = {k: _loss_value(f()) for k, f in fns.items()}
         torch_peak = _torch_peak_mib(fns["torch_eager"])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -73,6 +73,18 @@ def compiled_memory_mib(compiled) -> Dict[str, float]:
                 "xla_output_mib": ma.output_size_in_bytes / 2 ** 20, "xla_alias_mib": ma.alias_size_in_bytes / 2 ** 20}
     except Exception:  # noqa: BLE001 - not on every backend
         return {}
+
+
+def jax_step_call(compiled, state, x, y) -> Callable[[], Any]:
+    """A blocking ``call() -> loss`` of a compiled step that donates its state: each call feeds the
+    previous call's state back in."""
+    holder = {"state": state}
+
+    def call():
+        holder["state"], loss = compiled(holder["state"], x, y)
+        return loss.block_until_ready()
+
+    return call
 
 
 def build_jax_step(variant: str, variables: Dict[str, Any], batch: int, image_size: int,
@@ -204,13 +216,7 @@ def run_train_step(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int]
         for batch in batch_sizes:
             compiled, state, x, y, compile_s, mem = build_jax_step(variant, variables, batch, image_size,
                                                                    lowering=lowering)
-            holder = {"state": state}
-
-            def jax_step():
-                holder["state"], loss = compiled(holder["state"], x, y)
-                return loss.block_until_ready()
-
-            fns = {"jax": jax_step,
+            fns = {"jax": jax_step_call(compiled, state, x, y),
                    "torch_nchw": build_torch_step(tm, batch, image_size, channels_last=False)}
             if cl_probe["ok"]:
                 fns["torch_cl"] = build_torch_step(tm, batch, image_size, channels_last=True)
@@ -241,7 +247,7 @@ def run_train_step(variants: Sequence[str] = ("t8",), batch_sizes: Sequence[int]
                             "jax_over_torch_fastest": by["jax"]["img_s_max"] / max(
                                 by[k]["img_s_max"] for k in ("torch_nchw", "torch_cl") if k in by),
                             "first_step_loss": first})
-            del holder, compiled
+            del fns, compiled
     return {"rows": rows, "summary": summary,
             "settings": {"repeats": repeats, "warmup": warmup, "optimizer": f"AdamW lr={LR} wd={WD}",
                          "loss": "softmax cross-entropy", "bn": "train mode", "jax_backend": jax.default_backend()},
