@@ -164,7 +164,7 @@ def test_the_short_recipe_changes_only_what_it_names():
 
 def test_the_demo_is_a_named_recipe():
     """`make demo` trains ``get_config('t8', recipe='demo')``: "short" on the embedded dataset, plus the
-    run's length, sizes and mesh; the demo entry point sets only paths (and sizes the user gives)."""
+    run's length, sizes and dtype; the demo entry point sets only paths (and sizes the user gives)."""
     demo, short = get_config("t8", recipe="demo"), get_config("t8", recipe="short")
     changed = {k: getattr(demo, k) for k in dataclasses.asdict(short) if getattr(demo, k) != getattr(short, k)}
     assert changed == {"recipe": "demo", "dataset": "demo", "image_size": 48, "global_batch_size": 128,
