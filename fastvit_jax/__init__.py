@@ -25,6 +25,8 @@ _LAZY = {
     "save_variables": "fastvit_jax.io",
     "load_variables": "fastvit_jax.io",
     "eval_transform": "fastvit_jax.transforms",
+    "ComputePolicy": "fastvit_jax.policy",
+    "compute_policy": "fastvit_jax.policy",
 }
 
 __all__ = ["VARIANTS", "MOBILECLIP_VARIANTS", "ALL_VARIANTS", "PretrainedCfg", "get_variant", "pretrained_cfg", *_LAZY]

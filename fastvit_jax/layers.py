@@ -13,6 +13,10 @@ Re-parameterizable blocks have an ``inference_mode`` field that builds the fused
 recognises their branches, ``branches(params)`` names what fusion removes and
 ``fuse(params, stats)`` returns the fused (kernel, bias), the mirror of ``torch_ref``'s
 ``reparameterize()``. ``fastvit_jax.reparam.reparameterize`` walks a tree and lets them.
+
+The compute dtype and the conv lowering are not fields: every layer reads the model's
+``ComputePolicy`` at trace time (``fastvit_jax.policy``). A ``dtype`` field, where a layer has
+one, is an explicit override of the policy's (None: follow the policy).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from flax import linen as nn
 
 from fastvit_jax.conv import conv2d, resolve_lowering
 from fastvit_jax.fusion import BN_EPS, FUSED_CONV, fuse_conv_bn, fuse_conv_norm, identity_kernel, pad_kernel
+from fastvit_jax.policy import compute_dtype, current_policy
 from fastvit_jax.remat import saved
 
 Dtype = Any
@@ -60,9 +65,8 @@ class Conv2d(nn.Module):
     padding: Optional[int] = None  # default: same_padding(kernel_size, stride)
     kernel_init: Any = torch_default_init
     bias_init: Optional[Any] = None  # default: PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-    dtype: Dtype = jnp.float32
+    dtype: Optional[Dtype] = None  # default: the compute policy's
     param_dtype: Dtype = jnp.float32
-    lowering: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -72,13 +76,14 @@ class Conv2d(nn.Module):
         k = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (k, k, in_chs // self.groups, self.features), self.param_dtype)
         pad = same_padding(k, self.stride) if self.padding is None else self.padding
-        y = saved(conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride, padding=pad,
-                         groups=self.groups, lowering=self.lowering))
+        dtype = compute_dtype(self.dtype)
+        y = saved(conv2d(x.astype(dtype), kernel.astype(dtype), stride=self.stride, padding=pad,
+                         groups=self.groups, lowering=current_policy().lowering))
         if self.use_bias:
             fan_in = k * k * in_chs // self.groups
             bound = 1.0 / fan_in ** 0.5
             init = self.bias_init or (lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound))
-            y = y + self.param("bias", init, (self.features,), self.param_dtype).astype(self.dtype)
+            y = y + self.param("bias", init, (self.features,), self.param_dtype).astype(dtype)
         return y
 
 
@@ -100,14 +105,14 @@ class BatchNorm(nn.Module):
     """torch.nn.BatchNorm2d on NHWC (eps 1e-5, momentum 0.1).
 
     Train: normalizes with the biased batch variance and updates the running variance with
-    the unbiased one, like PyTorch. Statistics are computed in float32 whatever ``dtype``, in
-    one pass (mean and mean of squares).
+    the unbiased one, like PyTorch. Statistics are computed in float32 whatever the output
+    ``dtype`` (default: the compute policy's), in one pass (mean and mean of squares).
     Under ``jax.jit`` with a batch sharded over devices the statistics are global (sync BN).
     """
 
     epsilon: float = BN_EPS
     momentum: float = 0.1  # PyTorch convention: new = (1 - momentum) * old + momentum * batch
-    dtype: Dtype = jnp.float32
+    dtype: Optional[Dtype] = None
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -129,13 +134,14 @@ class BatchNorm(nn.Module):
             mean, var = ra_mean.value, ra_var.value
         mul = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
         y = xf * mul + (bias.astype(jnp.float32) - mean * mul)
-        return y.astype(self.dtype)
+        return y.astype(compute_dtype(self.dtype))
 
 
 class ConvNorm(nn.Module):
     """conv (no bias) -> BatchNorm (submodules ``conv``, ``bn``).
 
-    The conv runs in ``dtype``; the BatchNorm output is ``norm_dtype`` (default ``dtype``).
+    The conv runs in ``dtype``; the BatchNorm output is ``norm_dtype`` (each default: the
+    compute policy's dtype).
     """
 
     features: int
@@ -143,14 +149,13 @@ class ConvNorm(nn.Module):
     stride: int = 1
     groups: int = 1
     kernel_init: Any = torch_default_init
-    dtype: Dtype = jnp.float32
-    lowering: Optional[str] = None
+    dtype: Optional[Dtype] = None
     norm_dtype: Optional[Dtype] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = Conv2d(self.features, self.kernel_size, self.stride, self.groups, kernel_init=self.kernel_init,
-                   dtype=self.dtype, lowering=self.lowering, name="conv")(x)
+                   dtype=self.dtype, name="conv")(x)
         return BatchNorm(dtype=self.norm_dtype or self.dtype, name="bn")(x, train)
 
 
@@ -158,39 +163,35 @@ class LayerScale2d(nn.Module):
     """x * gamma, gamma of shape (C,) (torch_ref stores (C, 1, 1))."""
 
     init_value: float
-    dtype: Dtype = jnp.float32
+    dtype: Optional[Dtype] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],), jnp.float32)
-        return x * gamma.astype(self.dtype)
+        return x * gamma.astype(compute_dtype(self.dtype))
 
 
 class SqueezeExcite(nn.Module):
     """Global mean -> 1x1 fc1 (C -> C/16) -> ReLU -> 1x1 fc2 -> sigmoid gate."""
 
     rd_ratio: float = 0.0625
-    dtype: Dtype = jnp.float32
-    lowering: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
-        s = nn.relu(Conv2d(int(c * self.rd_ratio), 1, use_bias=True, dtype=self.dtype, lowering=self.lowering,
-                           name="fc1")(s))
-        s = Conv2d(c, 1, use_bias=True, dtype=self.dtype, lowering=self.lowering, name="fc2")(s)
+        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(compute_dtype())
+        s = nn.relu(Conv2d(int(c * self.rd_ratio), 1, use_bias=True, name="fc1")(s))
+        s = Conv2d(c, 1, use_bias=True, name="fc2")(s)
         return x * jax.nn.sigmoid(s)
 
 
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channels (the last axis of NHWC), timm's ``LayerNorm2d``: ``scale``, ``bias`` (C,).
 
-    Statistics in float32 whatever ``dtype``, like ``BatchNorm``.
+    Statistics in float32 whatever the compute dtype, like ``BatchNorm``.
     """
 
     epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -201,7 +202,7 @@ class LayerNorm2d(nn.Module):
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-        return y.astype(self.dtype)
+        return y.astype(compute_dtype())
 
 
 class DropPath(nn.Module):
@@ -232,13 +233,12 @@ class MobileOneBlock(nn.Module):
     use_act: bool = True
     use_scale_branch: bool = True
     num_conv_branches: int = 1
-    dtype: Dtype = jnp.float32
-    lowering: Optional[str] = None
+    dtype: Optional[Dtype] = None  # of the convs (default: the compute policy's)
     norm_dtype: Optional[Dtype] = None  # of the BatchNorm outputs and their sum (default: dtype)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv_args = dict(stride=self.stride, groups=self.groups, dtype=self.dtype, lowering=self.lowering)
+        conv_args = dict(stride=self.stride, groups=self.groups, dtype=self.dtype)
         if self.inference_mode:
             out = Conv2d(self.out_chs, self.kernel_size, use_bias=True, name=FUSED_CONV, **conv_args)(x)
         else:
@@ -252,7 +252,7 @@ class MobileOneBlock(nn.Module):
                 out = out + ConvNorm(self.out_chs, self.kernel_size, name=f"conv_kxk_{i}", norm_dtype=norm_dtype,
                                      **conv_args)(x, train)
         if self.use_se:
-            out = SqueezeExcite(dtype=self.dtype, lowering=self.lowering, name="se")(out)
+            out = SqueezeExcite(name="se")(out)
         return gelu(out) if self.use_act else out
 
     @staticmethod
@@ -324,12 +324,10 @@ class ReparamLargeKernelConv(nn.Module):
     use_se: bool = False
     use_act: bool = False
     inference_mode: bool = False
-    dtype: Dtype = jnp.float32
-    lowering: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv_args = dict(stride=self.stride, groups=self.groups, dtype=self.dtype, lowering=self.lowering)
+        conv_args = dict(stride=self.stride, groups=self.groups)
         if self.inference_mode:
             out = Conv2d(self.out_chs, self.kernel_size, use_bias=True, name=FUSED_CONV, **conv_args)(x)
         else:
@@ -337,7 +335,7 @@ class ReparamLargeKernelConv(nn.Module):
             if self.small_kernel:
                 out = out + ConvNorm(self.out_chs, self.small_kernel, name="small_conv", **conv_args)(x, train)
         if self.use_se:
-            out = SqueezeExcite(rd_ratio=0.25, dtype=self.dtype, lowering=self.lowering, name="se")(out)
+            out = SqueezeExcite(rd_ratio=0.25, name="se")(out)
         return gelu(out) if self.use_act else out
 
     @staticmethod
@@ -371,16 +369,14 @@ class PatchEmbed(nn.Module):
     use_se: bool = False
     lkc_use_act: bool = False
     inference_mode: bool = False
-    dtype: Dtype = jnp.float32
-    lowering: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = ReparamLargeKernelConv(self.in_chs, self.embed_dim, self.patch_size, self.stride, groups=self.in_chs,
                                    use_se=self.use_se, use_act=self.lkc_use_act, inference_mode=self.inference_mode,
-                                   dtype=self.dtype, lowering=self.lowering, name="proj_0")(x, train)
+                                   name="proj_0")(x, train)
         return MobileOneBlock(self.embed_dim, self.embed_dim, 1, 1, inference_mode=self.inference_mode,
-                              dtype=self.dtype, lowering=self.lowering, name="proj_1")(x, train)
+                              name="proj_1")(x, train)
 
 
 class RepMixer(nn.Module):
@@ -390,21 +386,18 @@ class RepMixer(nn.Module):
     kernel_size: int = 3
     layer_scale_init_value: float = 1e-5
     inference_mode: bool = False
-    dtype: Dtype = jnp.float32
-    lowering: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.inference_mode:
-            return Conv2d(self.dim, self.kernel_size, groups=self.dim, use_bias=True, dtype=self.dtype,
-                          lowering=self.lowering, name=FUSED_CONV)(x)
+            return Conv2d(self.dim, self.kernel_size, groups=self.dim, use_bias=True, name=FUSED_CONV)(x)
         # mixer(x) - norm(x) cancels most of both terms (their identity BatchNorms of the same
         # x): the BatchNorm outputs and the difference are float32 so that a bfloat16 run does not
         # lose it; the depthwise convs themselves run in the compute dtype.
         # (The 'shift' lowering reads its taps in float32 anyway: there the float32 input is kept.)
-        conv_dtype = jnp.float32 if resolve_lowering(self.lowering) == "shift" else self.dtype
-        common = dict(groups=self.dim, use_act=False, dtype=conv_dtype, norm_dtype=jnp.float32,
-                      lowering=self.lowering)
+        policy = current_policy()
+        conv_dtype = jnp.float32 if resolve_lowering(policy.lowering) == "shift" else policy.dtype
+        common = dict(groups=self.dim, use_act=False, dtype=conv_dtype, norm_dtype=jnp.float32)
         norm = MobileOneBlock(self.dim, self.dim, self.kernel_size, use_scale_branch=False, num_conv_branches=0,
                               name="norm", **common)(x, train)
         mixer = MobileOneBlock(self.dim, self.dim, self.kernel_size, name="mixer", **common)(x, train)
@@ -436,23 +429,23 @@ class Attention(nn.Module):
 
     dim: int
     head_dim: int = 32
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = compute_dtype()
         if self.dim % self.head_dim:
             raise ValueError(f"attention dim {self.dim} is not divisible by head_dim {self.head_dim}")
         b, h, w, c = x.shape
         heads = self.dim // self.head_dim
         tokens = x.reshape(b, h * w, c)
-        qkv = saved(nn.Dense(3 * self.dim, use_bias=False, kernel_init=trunc_normal_02, dtype=self.dtype,
+        qkv = saved(nn.Dense(3 * self.dim, use_bias=False, kernel_init=trunc_normal_02, dtype=dtype,
                              name="qkv")(tokens))
         qkv = qkv.reshape(b, h * w, 3, heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
         logits = saved(jnp.einsum("bqhd,bkhd->bhqk", q * self.head_dim ** -0.5, k)).astype(jnp.float32)
-        attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        attn = jax.nn.softmax(logits, axis=-1).astype(dtype)
         out = saved(jnp.einsum("bhqk,bkhd->bqhd", attn, v)).reshape(b, h * w, c)
-        out = saved(nn.Dense(self.dim, kernel_init=trunc_normal_02, dtype=self.dtype, name="proj")(out))
+        out = saved(nn.Dense(self.dim, kernel_init=trunc_normal_02, dtype=dtype, name="proj")(out))
         return out.reshape(b, h, w, c)
 
 
@@ -462,12 +455,10 @@ class ConvMlp(nn.Module):
     in_chs: int
     hidden_chs: int
     drop: float = 0.0
-    dtype: Dtype = jnp.float32
-    lowering: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv_args = dict(kernel_init=trunc_normal_02, dtype=self.dtype, lowering=self.lowering)
+        conv_args = dict(kernel_init=trunc_normal_02)
         x = ConvNorm(self.in_chs, 7, groups=self.in_chs, name="conv", **conv_args)(x, train)
         x = Conv2d(self.hidden_chs, 1, use_bias=True, bias_init=nn.initializers.zeros, name="fc1", **conv_args)(x)
         x = nn.Dropout(self.drop, deterministic=not train)(gelu(x))
@@ -481,14 +472,11 @@ class RepConditionalPosEnc(nn.Module):
     dim: int
     kernel_size: int = 7
     inference_mode: bool = False
-    dtype: Dtype = jnp.float32
-    lowering: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         name = FUSED_CONV if self.inference_mode else "pos_enc"
-        y = Conv2d(self.dim, self.kernel_size, groups=self.dim, use_bias=True, dtype=self.dtype,
-                   lowering=self.lowering, name=name)(x)
+        y = Conv2d(self.dim, self.kernel_size, groups=self.dim, use_bias=True, name=name)(x)
         return y if self.inference_mode else y + x
 
     @staticmethod
@@ -517,15 +505,13 @@ class RepMixerBlock(nn.Module):
     drop_path: float = 0.0
     layer_scale_init_value: float = 1e-5
     inference_mode: bool = False
-    dtype: Dtype = jnp.float32
-    lowering: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = RepMixer(self.dim, self.kernel_size, self.layer_scale_init_value, self.inference_mode, self.dtype,
-                     self.lowering, name="token_mixer")(x, train)
-        y = ConvMlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, self.lowering, name="mlp")(x, train)
-        y = LayerScale2d(self.layer_scale_init_value, self.dtype, name="layer_scale")(y)
+        x = RepMixer(self.dim, self.kernel_size, self.layer_scale_init_value, self.inference_mode,
+                     name="token_mixer")(x, train)
+        y = ConvMlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, name="mlp")(x, train)
+        y = LayerScale2d(self.layer_scale_init_value, name="layer_scale")(y)
         return x + DropPath(self.drop_path, name="drop_path")(y, train)
 
 
@@ -542,20 +528,18 @@ class AttentionBlock(nn.Module):
     layer_scale_init_value: float = 1e-5
     head_dim: int = 32
     norm: str = "batchnorm"
-    dtype: Dtype = jnp.float32
-    lowering: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         if self.norm == "batchnorm":
-            y = BatchNorm(dtype=self.dtype, name="norm")(x, train)
+            y = BatchNorm(name="norm")(x, train)
         elif self.norm == "layernorm":
-            y = LayerNorm2d(dtype=self.dtype, name="norm")(x)
+            y = LayerNorm2d(name="norm")(x)
         else:
             raise ValueError(f"unknown attention norm {self.norm!r}; valid: 'batchnorm', 'layernorm'")
-        y = Attention(self.dim, self.head_dim, self.dtype, name="token_mixer")(y)
-        y = LayerScale2d(self.layer_scale_init_value, self.dtype, name="layer_scale_1")(y)
+        y = Attention(self.dim, self.head_dim, name="token_mixer")(y)
+        y = LayerScale2d(self.layer_scale_init_value, name="layer_scale_1")(y)
         x = x + DropPath(self.drop_path, name="drop_path1")(y, train)
-        y = ConvMlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, self.dtype, self.lowering, name="mlp")(x, train)
-        y = LayerScale2d(self.layer_scale_init_value, self.dtype, name="layer_scale_2")(y)
+        y = ConvMlp(self.dim, int(self.dim * self.mlp_ratio), self.drop, name="mlp")(x, train)
+        y = LayerScale2d(self.layer_scale_init_value, name="layer_scale_2")(y)
         return x + DropPath(self.drop_path, name="drop_path2")(y, train)

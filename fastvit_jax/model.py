@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+import functools
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,6 @@ from flax import linen as nn
 
 from fastvit_jax.layers import (
     AttentionBlock,
-    Dtype,
     MobileOneBlock,
     PatchEmbed,
     RepConditionalPosEnc,
@@ -19,7 +19,8 @@ from fastvit_jax.layers import (
 )
 from fastvit_jax.conv import materialize, needs_materialized_input
 from fastvit_jax.fusion import is_fused
-from fastvit_jax.remat import check_policy, rematerialized
+from fastvit_jax.policy import ComputePolicy, compute_dtype, compute_policy, current_policy
+from fastvit_jax.remat import rematerialized
 from fastvit_variants import PretrainedCfg, VariantConfig, drop_path_rates, get_variant
 from fastvit_variants import pretrained_cfg as default_pretrained_cfg
 
@@ -49,31 +50,28 @@ class FastVitStage(nn.Module):
     lkc_use_act: bool = False
     attention_norm: str = "batchnorm"
     inference_mode: bool = False
-    dtype: Dtype = jnp.float32
-    lowering: Optional[str] = None
-    remat: str = "none"  # what the backward recomputes per block and downsample (fastvit_jax.remat)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        common = dict(dtype=self.dtype, lowering=self.lowering)
-        repmixer_block, attention_block, patch_embed = (rematerialized(RepMixerBlock, self.remat),
-                                                        rematerialized(AttentionBlock, self.remat),
-                                                        rematerialized(PatchEmbed, self.remat))
+        policy = current_policy()  # remat: what the backward recomputes per block and downsample
+        repmixer_block, attention_block, patch_embed = (rematerialized(RepMixerBlock, policy.remat),
+                                                        rematerialized(AttentionBlock, policy.remat),
+                                                        rematerialized(PatchEmbed, policy.remat))
         if self.downsample:
             x = patch_embed(7, 2, self.dim, self.dim_out, use_se=self.se_downsample, lkc_use_act=self.lkc_use_act,
-                            inference_mode=self.inference_mode, name="downsample", **common)(x, train)
+                            inference_mode=self.inference_mode, name="downsample")(x, train)
         if self.pos_emb:
-            x = RepConditionalPosEnc(self.dim_out, 7, self.inference_mode, name="pos_emb", **common)(x)
+            x = RepConditionalPosEnc(self.dim_out, 7, self.inference_mode, name="pos_emb")(x)
         for i in range(self.depth):
-            if needs_materialized_input(self.lowering):
+            if needs_materialized_input(policy.lowering):
                 x = materialize(x)  # the residual stream: written once, not recomputed by later blocks
             if self.token_mixer == "repmixer":
                 block = repmixer_block(self.dim_out, self.kernel_size, self.mlp_ratio, self.drop, self.drop_path[i],
-                                      self.layer_scale_init_value, self.inference_mode, name=f"blocks_{i}", **common)
+                                      self.layer_scale_init_value, self.inference_mode, name=f"blocks_{i}")
             elif self.token_mixer == "attention":
                 block = attention_block(self.dim_out, self.mlp_ratio, self.drop, self.drop_path[i],
                                        self.layer_scale_init_value, self.head_dim, self.attention_norm,
-                                       name=f"blocks_{i}", **common)
+                                       name=f"blocks_{i}")
             else:
                 raise ValueError(f"unknown token mixer {self.token_mixer!r}; valid: 'repmixer', 'attention'")
             x = block(x, train)
@@ -85,15 +83,26 @@ class ClassifierHead(nn.Module):
 
     num_classes: int
     drop_rate: float = 0.0
-    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, pre_logits: bool = False) -> jax.Array:
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+        dtype = compute_dtype()
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
         if pre_logits or self.num_classes == 0:
             return x
-        return nn.Dense(self.num_classes, kernel_init=trunc_normal_02, dtype=self.dtype, name="fc")(x)
+        return nn.Dense(self.num_classes, kernel_init=trunc_normal_02, dtype=dtype, name="fc")(x)
+
+
+def _under_policy(method: Callable) -> Callable:
+    """A ``FastVit`` entry point, traced under the model's ``policy`` (``fastvit_jax.policy``)."""
+
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with compute_policy(self.policy):
+            return method(self, *args, **kwargs)
+
+    return wrapped
 
 
 class FastVit(nn.Module):
@@ -101,8 +110,9 @@ class FastVit(nn.Module):
     MobileCLIP image towers (mci0 ... mci4, as timm's ``fastvit_mci*``).
 
     Input: (B, H, W, 3) NHWC, normalized as ``pretrained_cfg`` says, H and W divisible by
-    ``cfg.reduction`` (32; 64 for the five-stage mci3/mci4). Output: (B, num_classes) logits (float32 even with a bfloat16 ``dtype``).
-    ``pretrained_cfg`` (set by ``create_model`` / ``load_model``) describes the expected input.
+    ``cfg.reduction`` (32; 64 for the five-stage mci3/mci4). Output: (B, num_classes) logits (float32 even with a bfloat16
+    compute dtype). ``policy``: compute dtype, conv lowering and remat, read by every layer
+    (``fastvit_jax.policy``). ``pretrained_cfg`` (set by ``create_model`` / ``load_model``) describes the expected input.
     """
 
     cfg: VariantConfig
@@ -112,14 +122,12 @@ class FastVit(nn.Module):
     drop_path_rate: float = 0.0
     inference_mode: bool = False
     layer_scale_init_value: Optional[float] = None
-    dtype: Dtype = jnp.float32
-    lowering: Optional[str] = None
+    policy: ComputePolicy = ComputePolicy()
     pretrained_cfg: Optional[PretrainedCfg] = None
-    remat: str = "none"  # what the backward recomputes per block: none, elementwise, block (fastvit_jax.remat)
 
     def setup(self):
         cfg = self.cfg
-        common = dict(inference_mode=self.inference_mode, dtype=self.dtype, lowering=self.lowering)
+        common = dict(inference_mode=self.inference_mode)
         ls_init = cfg.layer_scale_init if self.layer_scale_init_value is None else self.layer_scale_init_value
         # The structure is the variant's plan (fastvit_variants: stem_plan, stage_plans, final_conv_plan),
         # as in torch_ref and the TensorFlow forward. Lists assigned in setup are named stem_0..,
@@ -127,7 +135,7 @@ class FastVit(nn.Module):
         # The stem (the largest activations, at strides 2 and 4), the downsamples and the final
         # conv are rematerialized like the blocks: under 'elementwise' the backward keeps only
         # their conv outputs too.
-        mobileone = rematerialized(MobileOneBlock, self.remat)
+        mobileone = rematerialized(MobileOneBlock, self.policy.remat)
         self.stem = [mobileone(b.in_dim, b.out_dim, b.kernel_size, b.stride, groups=b.groups,
                                use_scale_branch=b.scale_branch, use_se=b.se, **common) for b in cfg.stem_plan()]
         dpr = drop_path_rates(cfg.layers, self.drop_path_rate)
@@ -136,12 +144,13 @@ class FastVit(nn.Module):
             mlp_ratio=cfg.mlp_ratio, kernel_size=cfg.repmixer_kernel_size, drop_path=tuple(dpr[st.index]),
             layer_scale_init_value=ls_init, drop=self.proj_drop_rate, head_dim=cfg.head_dim,
             se_downsample=st.se_downsample, lkc_use_act=cfg.lkc_use_act, attention_norm=cfg.attention_norm,
-            remat=self.remat, **common) for st in cfg.stage_plans()]
+            **common) for st in cfg.stage_plans()]
         fc = cfg.final_conv_plan()
         self.final_conv = mobileone(fc.in_dim, fc.out_dim, fc.kernel_size, fc.stride, groups=fc.groups,
                                     use_scale_branch=fc.scale_branch, use_se=fc.se, **common)
-        self.head = ClassifierHead(self.num_classes, self.drop_rate, self.dtype)
+        self.head = ClassifierHead(self.num_classes, self.drop_rate)
 
+    @_under_policy
     def forward_stages(self, x: jax.Array, train: bool = False,
                        out_indices: Optional[Sequence[int]] = None) -> List[jax.Array]:
         """Stage outputs, NHWC at strides 4, 8, 16, 32 [, 64] (the last attention stage included).
@@ -154,9 +163,9 @@ class FastVit(nn.Module):
             check_variables_form(self.variables.get("params", {}), self.inference_mode)
         n = len(self.cfg.layers)
         wanted = sorted({i % n for i in range(n)} if out_indices is None else {_stage_index(i, n) for i in out_indices})
-        x = x.astype(self.dtype)
+        x = x.astype(self.policy.dtype)
         for i, block in enumerate(self.stem):
-            if i and needs_materialized_input(self.lowering):
+            if i and needs_materialized_input(self.policy.lowering):
                 x = materialize(x)  # a GELU output, read by the next conv's taps: computed once
             x = block(x, train)
         feats = []
@@ -166,13 +175,16 @@ class FastVit(nn.Module):
                 feats.append(x)
         return feats
 
+    @_under_policy
     def forward_features(self, x: jax.Array, train: bool = False) -> jax.Array:
         """stem -> stages -> final_conv: (B, H/r, W/r, 2*C_last), r = ``cfg.reduction`` (32 or 64)."""
         return self.final_conv(self.forward_stages(x, train)[-1], train)
 
+    @_under_policy
     def forward_head(self, x: jax.Array, train: bool = False, pre_logits: bool = False) -> jax.Array:
         return self.head(x, train, pre_logits)
 
+    @_under_policy
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         return self.forward_head(self.forward_features(x, train), train).astype(jnp.float32)
 
@@ -250,8 +262,8 @@ def create_model(variant: str, *, num_classes: Optional[int] = None, inference_m
     if pretrained_cfg is None:
         pretrained_cfg = default_pretrained_cfg(cfg.name, num_classes=num_classes)
     return FastVit(cfg, num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-                   inference_mode=inference_mode, layer_scale_init_value=layer_scale_init_value, dtype=dtype,
-                   lowering=lowering, pretrained_cfg=pretrained_cfg, remat=check_policy(remat))
+                   inference_mode=inference_mode, layer_scale_init_value=layer_scale_init_value,
+                   policy=ComputePolicy(dtype, lowering, remat), pretrained_cfg=pretrained_cfg)
 
 
 def _bound_to_pretrained(variant: str, pretrained: Any, *, num_classes: Optional[int], inference_mode: bool,

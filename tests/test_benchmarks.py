@@ -300,8 +300,9 @@ def test_baseline_numerics_trace_the_old_step_and_restore_the_new():
     import fastvit_jax.layers
     from benchmarks.baseline_numerics import baseline_numerics
     from fastvit_jax.layers import ConvNorm
+    from fastvit_jax.policy import ComputePolicy, compute_policy
 
-    module = ConvNorm(8, 3, dtype=jnp.bfloat16, lowering="native")
+    module = ConvNorm(8, 3)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 4))
     variables = module.init(jax.random.PRNGKey(1), x, train=False)
 
@@ -309,7 +310,9 @@ def test_baseline_numerics_trace_the_old_step_and_restore_the_new():
         return [line.rsplit("->", 1)[-1] for line in text.splitlines() if "stablehlo.convolution" in line]
 
     def lowered_text():  # a fresh function each time: jit's trace cache must not hand back the other form
-        return jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"])).lower(variables, x).as_text()
+        with compute_policy(ComputePolicy(jnp.bfloat16, "native")):
+            return jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"])).lower(
+                variables, x).as_text()
 
     now = (fastvit_jax.conv.conv2d_native, fastvit_jax.layers.batch_moments)
     with baseline_numerics():

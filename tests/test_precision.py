@@ -95,3 +95,43 @@ def test_remat_policies_give_the_same_gradients_and_keep_less():
     assert kept["none"] > 1.5 * kept["elementwise"] and kept["elementwise"] > kept["block"] > 0, kept
     with pytest.raises(ValueError, match="unknown remat policy 'all'; valid: none, elementwise, block"):
         fastvit_jax.create_model("t8", remat="all")
+
+
+def test_the_model_hands_its_compute_policy_to_every_layer():
+    """dtype, lowering and remat are one ``ComputePolicy`` on the model; no layer carries a lowering
+    or remat field, and a ``dtype`` field only where a layer overrides the policy on purpose. A model
+    jitted as a static argument is retraced for another policy; layers alone follow ``compute_policy``."""
+    import dataclasses
+
+    import flax.linen as nn
+
+    from fastvit_jax import layers, model as model_module
+    from fastvit_jax.policy import ComputePolicy, compute_policy, current_policy
+
+    modules = [m for mod in (layers, model_module) for m in vars(mod).values()
+               if isinstance(m, type) and issubclass(m, nn.Module) and m.__module__ == mod.__name__]
+    assert len(modules) > 15
+    fields = {m.__name__: {f.name for f in dataclasses.fields(m)} for m in modules}
+    assert not [n for n, f in fields.items() if f & {"lowering", "remat"}]
+    assert {n for n, f in fields.items() if "dtype" in f} == {"Conv2d", "BatchNorm", "ConvNorm", "LayerScale2d",
+                                                              "MobileOneBlock"}
+    assert [n for n, f in fields.items() if "policy" in f] == ["FastVit"]
+
+    x = jnp.zeros((1, 32, 32, 3))
+    f32 = fastvit_jax.create_model("t8", num_classes=10, lowering="native")
+    bf16 = fastvit_jax.create_model("t8", num_classes=10, lowering="native", dtype=jnp.bfloat16)
+    assert bf16.policy == ComputePolicy(jnp.bfloat16, "native", "none") and f32.policy.dtype == jnp.float32
+    variables = f32.init(jax.random.PRNGKey(0), x)
+    forward = jax.jit(lambda m, v, x: m.apply(v, x), static_argnums=0)
+    for m, dtype in ((f32, "f32"), (bf16, "bf16"), (f32, "f32")):
+        convs = ops(forward.lower(m, variables, x).as_text(), "convolution")
+        assert convs and all(s.endswith(f"x{dtype}>") for s in convs), (dtype, convs[:2])
+    assert current_policy() == ComputePolicy()  # the model's policy ends with its trace
+
+    conv = layers.Conv2d(4, 3, groups=4)
+    conv_vars = conv.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)))
+    with compute_policy(ComputePolicy(jnp.bfloat16, "native")):
+        assert conv.apply(conv_vars, jnp.zeros((1, 8, 8, 4))).dtype == jnp.bfloat16
+    assert conv.apply(conv_vars, jnp.zeros((1, 8, 8, 4))).dtype == jnp.float32
+    with pytest.raises(ValueError, match="unknown conv lowering 'cudnn'; valid: native, shift"):
+        fastvit_jax.create_model("t8", lowering="cudnn")
