@@ -89,7 +89,7 @@ def test_a_zip_claiming_far_more_than_it_holds_is_refused(tmp_path):
 def test_nan_weights_are_refused_in_every_format_and_entry_point(tmp_path, t8_file, capsys, fmt):
     """One check (fastvit_jax.weights.state_dict.check_values) for every format: the file and the tensor named."""
     from convert.core import save_state_dict
-    from fastvit_jax.training.pretrained import load_weights_file
+    from fastvit_jax.weights import read_variables
     from fastvit_jax.weights.state_dict import variables_to_arrays
 
     _, model, variables = t8_file
@@ -106,7 +106,7 @@ def test_nan_weights_are_refused_in_every_format_and_entry_point(tmp_path, t8_fi
         save_state_dict(str(path), arrays)
         tensor = "head.fc.weight"
     message = f"'{path}': {tensor} contains 1 NaN/Inf value(s)"
-    for load in (fastvit_jax.load_model, load_weights_file):  # the library and the trainer's --init_from
+    for load in (fastvit_jax.load_model, read_variables):  # the library and the trainer's --init_from
         with pytest.raises(ConversionError) as info:
             load(path)
         assert message in str(info.value)

@@ -19,7 +19,7 @@ Modules (flat, small, pure where possible):
   compile_cache  the persistent compilation cache
   preemption     SIGTERM / Ctrl-C as a flag the trainer polls
   workdir_lock   one trainer per workdir
-  pretrained     load_weights_file (--init_from / --eval_only), merge_pretrained, export_fused
+  pretrained     merge_pretrained (--init_from), export_fused
   evaluate       run_eval, evaluate_checkpoint (--eval_only)
   logs           the entry points' logging set-up
   metrics        metrics.jsonl, TensorBoard scalars, curves.png

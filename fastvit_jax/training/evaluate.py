@@ -2,7 +2,7 @@
 
 A workdir is evaluated from its latest checkpoint with an orbax partial restore of
 params, batch_stats and their EMA (the optimizer state is not read). A weight file is
-read by ``pretrained.load_weights_file`` and evaluated in the form it has: train form,
+read by ``fastvit_jax.weights.read_variables`` and evaluated in the form it has: train form,
 or fused (``inference_mode=True``).
 """
 
@@ -26,10 +26,11 @@ from fastvit_jax.training import multihost
 from fastvit_jax.training.compile_cache import enable_compilation_cache
 from fastvit_jax.training.config import TrainConfig, check_eval_config
 from fastvit_jax.training.metrics import MetricWriter
-from fastvit_jax.training.pretrained import load_weights_file, tree_matches
+from fastvit_jax.training.pretrained import tree_matches
 from fastvit_jax.training.setup import resolve_dtype, setup_run
 from fastvit_jax.training.state import init_variables
 from fastvit_jax.training.steps import make_eval_step
+from fastvit_jax.weights.files import read_variables
 
 log = logging.getLogger("fastvit_jax.training")
 
@@ -128,7 +129,7 @@ def evaluate_checkpoint(config: TrainConfig, *, model_fn: Callable[..., nn.Modul
         model = model_fn(config.variant, num_classes=config.num_classes, dtype=dtype, inference_mode=False)
         variables_by_prefix = _variables_from_workdir(_workdir_of(source), model, config, mesh)
     else:
-        loaded = load_weights_file(source)
+        loaded = read_variables(source)
         model = _model_for_file(source, loaded, config, model_fn, dtype)
         variables_by_prefix = {"": jax.device_put(loaded, mesh_lib.replicated(mesh))}
     eval_step = jax.jit(make_eval_step(model), out_shardings=mesh_lib.replicated(mesh))

@@ -1,11 +1,11 @@
-"""Weight files in and out of the trainer: reading, merging for fine-tuning, the fused export.
+"""Weight files in and out of the trainer: merging for fine-tuning, the fused export.
 
-``load_weights_file`` is the one place the trainer reads a weight file (``--init_from``,
-``--eval_only``). It uses ``fastvit_jax.load_model``'s reader (``fastvit_jax.weights``), so it
-accepts the same files: the project's .safetensors, timm's model.safetensors, .pth/.pth.tar in
-timm's or Apple's layout, unfused or fused. The structure is then checked against the model
-the trainer was given (``merge_pretrained`` / ``evaluate``), not against a variant table, so a
-``model_fn`` of another architecture works too.
+The trainer reads a weight file (``--init_from``, ``--eval_only``) with
+``fastvit_jax.weights.read_variables``, beside ``load_model``'s reader, so it accepts the same
+files: the project's .safetensors, timm's model.safetensors, .pth/.pth.tar in timm's or Apple's
+layout, unfused or fused. The structure is then checked against the model the trainer was
+given (``merge_pretrained`` / ``evaluate``), not against a variant table, so a ``model_fn`` of
+another architecture works too.
 """
 
 from __future__ import annotations
@@ -24,26 +24,10 @@ from fastvit_jax.model import create_model
 from fastvit_jax.reparam import reparameterize
 from fastvit_jax.training.config import TrainConfig
 from fastvit_variants import pretrained_cfg
-from fastvit_jax.weights.files import read_weights_file
-from fastvit_jax.weights.state_dict import ConversionError, cast_floats, convert_state_dict, describe_variables
+from fastvit_jax.weights.state_dict import ConversionError, describe_variables
 
 EXPORT_DIRNAME = "export"
 COLLECTIONS = ("params", "batch_stats")
-
-
-def load_weights_file(path: str) -> Dict[str, Any]:
-    """Any weights file -> {'params': ..., 'batch_stats': ...} of float32 numpy arrays (Flax layout).
-
-    PyTorch layouts are converted (variant and form detected from the tensors); Flax files are
-    read as they are. ``batch_stats`` is {} for files without BatchNorm statistics. Raises
-    ``ConversionError`` (a ValueError) naming the problem.
-    """
-    weights = read_weights_file(path)
-    if weights.kind == "torch":
-        variables = convert_state_dict(weights.tensors, source=os.fspath(path)).variables
-    else:
-        variables, _ = cast_floats(weights.tensors)
-    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
 def _flatten(tree: Any) -> Dict[tuple, Any]:

@@ -36,12 +36,13 @@ from fastvit_jax.training.evaluate import run_eval
 from fastvit_jax.training.metrics import MetricWriter, plot_curves, read_metrics
 from fastvit_jax.training.plan import Plan, make_plan
 from fastvit_jax.training.preemption import StopSignals
-from fastvit_jax.training.pretrained import export_fused, load_weights_file, merge_pretrained
+from fastvit_jax.training.pretrained import export_fused, merge_pretrained
 from fastvit_jax.training.programs import StepPrograms, build_model, build_step_programs, train_batch_spec
 from fastvit_jax.training.setup import setup_run
 from fastvit_jax.training.state import TrainState, create_state, init_variables
 from fastvit_jax.training.steps import config_optimizer, run_args, schedule_of
 from fastvit_jax.training.workdir_lock import WorkdirLock
+from fastvit_jax.weights.files import read_variables
 
 log = logging.getLogger("fastvit_jax.training")
 
@@ -122,7 +123,7 @@ def _initial_state(config: TrainConfig, model: nn.Module, tx, shardings: Any, ab
         return state, step
     if config.init_from:
         fresh = jax.device_get(jax.jit(lambda rng: init_variables(model, config.image_size, rng))(init_rng))
-        merged, notes = merge_pretrained(fresh, load_weights_file(config.init_from))
+        merged, notes = merge_pretrained(fresh, read_variables(config.init_from))
         for note in notes:
             log.warning(note)
         return jax.jit(lambda variables: create_state(variables, tx), out_shardings=shardings)(merged), None

@@ -6,7 +6,7 @@
   files       read any weights file (Flax .safetensors, PyTorch .safetensors, .pth pickles)
 """
 
-from fastvit_jax.weights.files import WeightsFile, load_weights, read_weights_file  # noqa: F401
+from fastvit_jax.weights.files import WeightsFile, load_weights, read_variables, read_weights_file  # noqa: F401
 from fastvit_jax.weights.state_dict import (  # noqa: F401
     ConversionError,
     ConversionResult,

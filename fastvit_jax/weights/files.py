@@ -1,5 +1,9 @@
 """Read any FastViT weights file, without PyTorch unless the file is a pickle.
 
+The one home of reading weights: ``read_weights_file`` (what the file holds, as it is),
+``load_weights`` (FastViT variables, variant and form checked; ``load_model`` and the CLIs)
+and ``read_variables`` (any Flax tree, for the trainer). Accepted files:
+
 - ``.safetensors`` written by ``fastvit_jax.save_variables`` (Flax variables + metadata);
 - ``.safetensors`` holding a PyTorch state_dict (timm's ``model.safetensors``, converter outputs);
 - ``.pth`` / ``.pth.tar`` / ``.pt`` / ``.bin`` pickles (timm or Apple layout, bare or wrapped in
@@ -154,6 +158,23 @@ def read_weights_file(path: str | os.PathLike, *, prefer_ema: bool = False) -> W
         return _read_pickle(path, prefer_ema)
     raise ConversionError(f"{path!r}: unknown checkpoint type; expected .safetensors, "
                           f"or a PyTorch pickle ({', '.join(PICKLE_SUFFIXES)})")
+
+
+def read_variables(path: str | os.PathLike, *, prefer_ema: bool = False) -> Dict[str, Any]:
+    """Any weights file -> {'params': ..., 'batch_stats': ...} of float32 numpy arrays (Flax layout).
+
+    The trainer's reader (``--init_from``, ``--eval_only``): unlike ``load_weights`` it does not
+    check a Flax tree against a FastViT variant, because the trainer checks it against its own
+    model, which may be another architecture. PyTorch layouts are converted (variant and form
+    detected from the tensors). ``batch_stats`` is {} for files without BatchNorm statistics.
+    Raises ``ConversionError`` (a ValueError) naming the problem.
+    """
+    weights = read_weights_file(path, prefer_ema=prefer_ema)
+    if weights.kind == "torch":
+        variables = convert_state_dict(weights.tensors, source=weights.path).variables
+    else:
+        variables, _ = cast_floats(weights.tensors)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
 def load_weights(path: str | os.PathLike, *, variant: Optional[str] = None, fused: bool = False,
