@@ -16,6 +16,11 @@ disk, the space the checkpoint needs; the partial ``<step>.orbax-checkpoint-tmp*
 removed and the previous checkpoints are untouched, so the same command resumes once the
 cause is fixed. Orbax's background threads log these errors with tracebacks before the main
 thread re-raises them; ``OrbaxThreadErrors`` is the logging filter that drops those records.
+
+Replicated arrays are written replica-parallel (each replica writes a slice) only on TPU, as
+orbax itself does on GPU: on a CPU host the arrays are in host memory already, and the slicing
+costs one compiled program per distinct array shape on a process's first save (t8 over 8 CPU
+devices: 14.7 s of a 23.6 s first save; 1,291 arrays of distinct shapes: 72 s against 0.4 s).
 """
 
 from __future__ import annotations
@@ -218,6 +223,17 @@ def restore_newest_readable(manager: "ocp.CheckpointManager", directory: str, ab
                           + " (the unreadable ones were moved aside as <step>.corrupt-<time>)")
 
 
+def save_replica_parallel(backend: str) -> bool:
+    """Whether replicas write slices of replicated arrays in parallel: on TPU only (module docstring)."""
+    return backend == "tpu"
+
+
+def configure_array_saving(backend: str) -> None:
+    """Registers orbax's jax.Array handler for ``backend`` (process-wide, as orbax's own default is)."""
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=save_replica_parallel(backend)), override=True)
+
+
 def checkpoint_dir(workdir: str) -> str:
     return os.path.abspath(os.path.join(workdir, CHECKPOINTS_DIRNAME))
 
@@ -227,6 +243,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = checkpoint_dir(workdir)
+        configure_array_saving(jax.default_backend())
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,
