@@ -9,6 +9,10 @@ activations and temporaries grow with the batch), take the largest multiple of 8
 and confirm it with a third compile (stepping down if it does not fit). ESTIMATES from XLA's cost
 and memory analysis against the chip's published peak and bandwidth, not measurements.
 
+``--numerics before`` compiles the step as it was before the accelerator work (b84e817^:
+float32-result convs, two-pass BatchNorm statistics, no remat; ``benchmarks/baseline_numerics.py``
+swaps them in while the step is traced), so one checkout gives both sides of a before/after row.
+
 A compile takes minutes of CPU (t8 at 256 px: ~5-10 CPU-minutes, ma36 several times that), so
 every compile is cached in --results, keyed by the code (git tree of fastvit_jax/), variant,
 chip, lowering, remat, image size and batch; a rerun compiles only what is missing. Run it
@@ -21,6 +25,7 @@ niced, in the background; a subset with the flags::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -47,6 +52,7 @@ class Row:
     lowering: str = "native"
     remat: str = "auto"
     image_size: int = 256
+    numerics: str = "today"  # or 'before' (benchmarks/baseline_numerics.py; remat 'none')
 
 
 def code_label() -> str:
@@ -59,7 +65,8 @@ def code_label() -> str:
 
 
 def cache_key(label: str, row: Row, batch: int) -> str:
-    return f"{label}|{row.variant}|{row.chip}|{row.lowering}|{row.remat}|{row.image_size}|{batch}"
+    key = f"{label}|{row.variant}|{row.chip}|{row.lowering}|{row.remat}|{row.image_size}|{batch}"
+    return key if row.numerics == "today" else f"{key}|{row.numerics}"
 
 
 def load_results(path: str) -> Dict[str, Any]:
@@ -104,8 +111,15 @@ def _one(spec: Dict[str, Any]) -> None:
 
     config = get_config(spec["variant"], global_batch_size=spec["batch"], image_size=spec["image_size"],
                         remat=spec["remat"], mesh="data:-1", workdir="/nonexistent")
-    report = aot.compile_only(config, ONE_CHIP[spec["chip"]], fastvit_jax.create_model, lowering=spec["lowering"],
-                              steps=("train_step",))
+    numerics = contextlib.nullcontext()
+    if spec.get("numerics", "today") == "before":
+        from benchmarks.baseline_numerics import baseline_numerics
+
+        numerics = baseline_numerics()
+    with numerics:  # the step is traced inside compile_only
+        report = aot.compile_only(config, ONE_CHIP[spec["chip"]], fastvit_jax.create_model,
+                                  lowering=spec["lowering"], steps=("train_step",))
+    report["numerics"] = spec.get("numerics", "today")
     print(json.dumps(report))
 
 
@@ -131,7 +145,8 @@ class Runner:
         if key not in self.results:
             if self.dry_run:
                 return None
-            print(f"compiling {row.variant} {row.lowering} on {row.chip} at {batch}/chip ...", flush=True)
+            print(f"compiling {row.variant} {row.lowering} ({row.numerics}) on {row.chip} at {batch}/chip ...",
+                  flush=True)
             report = compile_one(row, batch, self.timeout_s)
             step = report["train_step"]
             print(f"  {step['memory_bytes']['total'] / 2**30:.2f} GiB, {step['img_per_s_per_chip']:.0f} img/s, "
@@ -167,15 +182,16 @@ def table(summaries: List[Dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         row = s["row"]
+        convs = row.lowering if row.numerics == "today" else f"{row.lowering}, {row.numerics} (remat {row.remat})"
         if s.get("missing"):
-            lines.append(f"| {row.variant} | {row.lowering} | {row.chip} | not compiled yet"
+            lines.append(f"| {row.variant} | {convs} | {row.chip} | not compiled yet"
                          f"{' (predicted ' + str(s['predicted_batch']) + ')' if 'predicted_batch' in s else ''} "
                          f"| | | | | | | | |")
             continue
         step, batch = s["report"]["train_step"], s["batch"]
         m = step["memory_bytes"]
         lines.append(
-            f"| {row.variant} | {row.lowering} | {row.chip} | {batch} | {m['total'] / 2**30:.1f} of "
+            f"| {row.variant} | {convs} | {row.chip} | {batch} | {m['total'] / 2**30:.1f} of "
             f"{step['hbm_bytes'] / 2**30:.0f} | {step['flops'] / batch / 1e9:.1f} | "
             f"{step['bytes_accessed'] / batch / 1e6:.0f} | {step['step_s'] * 1e3:.0f} | {step['bound']} | "
             f"{step['img_per_s_per_chip']:,.0f} | {100 * step['mfu']:.1f}% | {s['cpu_s'] / 60:.0f} |")
@@ -183,14 +199,17 @@ def table(summaries: List[Dict[str, Any]]) -> str:
 
 
 def rows_for(variants: Sequence[str], chips: Sequence[str], lowerings: Sequence[str], shift_for: Sequence[str],
-             remat: str, image_size: int) -> List[Row]:
-    """Native convs for every variant; 'shift' as well for the variants in ``shift_for``."""
+             remat: str, image_size: int, numerics: Sequence[str] = ("today",)) -> List[Row]:
+    """Native convs for every variant; 'shift' as well for the variants in ``shift_for``; each in every
+    ``numerics`` ('before' rows with no remat, as the step was)."""
     rows = []
     for chip in chips:
         for variant in variants:
             for lowering in lowerings:
                 if lowering == "native" or variant in shift_for:
-                    rows.append(Row(variant, chip, lowering, remat, image_size))
+                    for kind in numerics:
+                        rows.append(Row(variant, chip, lowering, "none" if kind == "before" else remat, image_size,
+                                        kind))
     return rows
 
 
@@ -202,6 +221,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--shift_for", nargs="+", default=["t8"], help="variants also compiled with the 'shift' lowering")
     p.add_argument("--remat", default="auto", help="the trainer's --remat (auto: its TPU default)")
     p.add_argument("--image_size", type=int, default=256)
+    p.add_argument("--numerics", nargs="+", default=["today"], choices=["today", "before"],
+                   help="'before': the step as it was before the accelerator work (baseline_numerics, no remat)")
     p.add_argument("--probe_batches", nargs=2, type=int, default=[16, 32], metavar=("B1", "B2"),
                    help="per-chip batches the memory is extrapolated from")
     p.add_argument("--results", default=DEFAULT_RESULTS, help="the cache of compiles (JSON)")
@@ -219,7 +240,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     label = args.label or code_label()
     runner = Runner(args.results, label, args.timeout_s, dry_run=args.table)
-    rows = rows_for(args.variants, args.chips, args.lowerings, args.shift_for, args.remat, args.image_size)
+    rows = rows_for(args.variants, args.chips, args.lowerings, args.shift_for, args.remat, args.image_size,
+                    args.numerics)
     summaries = []
     for row in rows:
         try:
