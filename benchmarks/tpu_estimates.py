@@ -5,8 +5,8 @@ Each figure is a deviceless compile with libtpu on this CPU host (``train_tpu.py
 code: ``fastvit_jax.training.aot``), one chip, data-parallel mesh (a data-parallel step's per-chip
 figures barely depend on the chip count), train step only. Per row: compile at two batch sizes,
 fit the step's memory as a + b * batch (parameters and optimizer state are the constant, the
-activations and temporaries grow with the batch), take the largest multiple of 8 under the HBM
-and confirm it with a third compile (stepping down if it does not fit). ESTIMATES from XLA's cost
+activations and temporaries grow with the batch), compile the largest multiple of 8 under the
+HBM, and refine the fit with each compile (``largest_batch``). ESTIMATES from XLA's cost
 and memory analysis against the chip's published peak and bandwidth, not measurements.
 
 ``--numerics before`` compiles the step as it was before the accelerator work (b84e817^:
@@ -41,6 +41,7 @@ DEFAULT_RESULTS = os.path.join(REPO, "benchmarks", "results", "tpu_estimates.jso
 # The smallest slice libtpu builds per chip (v4/v5p: one megacore chip).
 ONE_CHIP = {"v5e": "v5e:1x1", "v6e": "v6e:1x1", "v4": "v4:1x1x1", "v5p": "v5p:1x1x1"}
 BATCH_MULTIPLE = 8
+MAX_REFINES = 3  # compiles after the two probes, per row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,23 +157,45 @@ class Runner:
         return self.results[key]
 
 
-def largest_batch(runner: Runner, row: Row, probes: Sequence[int]) -> Dict[str, Any]:
-    """Probe, extrapolate, confirm (stepping down while it does not fit); the row's summary."""
-    reports = [runner.get(row, b) for b in probes]
-    if any(r is None for r in reports):
+def largest_batch(runner: Runner, row: Row, probes: Sequence[int], refines: int = MAX_REFINES) -> Dict[str, Any]:
+    """The row's summary: the largest compiled batch whose step fits the chip's HBM.
+
+    Compile at the two ``probes``, extrapolate the memory linearly to the HBM, compile that batch,
+    then refine: fit again through the two compiled batches that bracket the HBM best (the largest
+    that fits and the smallest that does not, else the two largest) and compile the new prediction,
+    until it is a batch already compiled (at most ``refines`` compiles after the probes). XLA's
+    memory does not grow exactly linearly with the batch, so the first prediction can stop well
+    under the HBM or overshoot it.
+    """
+    reports = {b: runner.get(row, b) for b in probes}
+    if any(r is None for r in reports.values()):
         return {"row": row, "missing": True}
-    hbm = reports[0]["train_step"]["hbm_bytes"]
-    batch = fit_max_batch([(b, r["train_step"]["memory_bytes"]["total"]) for b, r in zip(probes, reports)], hbm)
-    for _ in range(3):
-        report = runner.get(row, batch)
+    hbm = next(iter(reports.values()))["train_step"]["hbm_bytes"]
+
+    def total(batch: int) -> int:
+        return reports[batch]["train_step"]["memory_bytes"]["total"]
+
+    predicted = None
+    for _ in range(refines):
+        below = [b for b in reports if total(b) <= hbm]
+        above = [b for b in reports if total(b) > hbm]
+        pair = [max(below), min(above)] if below and above else sorted(reports)[-2:]
+        try:
+            predicted = fit_max_batch([(b, total(b)) for b in pair], hbm)
+        except ValueError:  # the memory did not grow between the two batches: keep what was compiled
+            break
+        if predicted in reports:
+            break
+        report = runner.get(row, predicted)
         if report is None:
-            return {"row": row, "missing": True, "predicted_batch": batch}
-        total = report["train_step"]["memory_bytes"]["total"]
-        if total <= hbm:
-            return {"row": row, "batch": batch, "report": report, "predicted_batch": batch,
-                    "cpu_s": sum(r.get("cpu_s", 0.0) for r in reports) + report.get("cpu_s", 0.0)}
-        batch = max(BATCH_MULTIPLE, int(batch * hbm / total) // BATCH_MULTIPLE * BATCH_MULTIPLE)
-    return {"row": row, "missing": True, "predicted_batch": batch}
+            return {"row": row, "missing": True, "predicted_batch": predicted}
+        reports[predicted] = report
+    fitting = [b for b in reports if total(b) <= hbm]
+    if not fitting:
+        return {"row": row, "missing": True, "predicted_batch": predicted}
+    batch = max(fitting)
+    return {"row": row, "batch": batch, "report": reports[batch], "predicted_batch": predicted,
+            "compiled_batches": sorted(reports), "cpu_s": sum(r.get("cpu_s", 0.0) for r in reports.values())}
 
 
 def table(summaries: List[Dict[str, Any]]) -> str:

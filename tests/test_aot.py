@@ -86,3 +86,26 @@ def test_largest_batch_is_extrapolated_from_two_compiles():
     gib = 2**30
     # 1 GiB fixed + 0.1 GiB per image: 16 GiB holds 150 -> 144 (a multiple of 8)
     assert fit_max_batch([(16, int(2.6 * gib)), (32, int(4.2 * gib))], 16 * gib) == 144
+
+
+def test_largest_batch_refines_the_fit_with_each_compile():
+    """XLA's memory grows less than linearly with the batch: the first extrapolation stops short;
+    each compile refines the fit until the prediction was compiled already."""
+    from benchmarks.tpu_estimates import Row, largest_batch
+
+    gib = 2**30
+
+    class FakeRunner:  # memory 1 GiB + 0.06 GiB * batch^0.93 on a 16 GiB chip
+        def __init__(self):
+            self.compiled = []
+
+        def get(self, row, batch):
+            self.compiled.append(batch)
+            return {"train_step": {"hbm_bytes": 16 * gib, "memory_bytes": {"total": int((1 + 0.06 * batch ** 0.93) * gib)}},
+                    "cpu_s": 1.0}
+
+    runner = FakeRunner()
+    out = largest_batch(runner, Row("sa12", "v5e"), [16, 32])
+    assert out["batch"] == 376 and (1 + 0.06 * 384 ** 0.93) > 16  # the largest multiple of 8 that fits
+    assert runner.compiled == [16, 32, 328, 368, 376] and out["cpu_s"] == 5.0
+    assert largest_batch(FakeRunner(), Row("sa12", "v5e"), [16, 32], refines=1)["batch"] == 328
