@@ -103,8 +103,8 @@ def runs(data_dir, tmp_path_factory):
     """Built once per session (shared across xdist workers), in one process so that the
     three runs share their compilations:
       full:    an uninterrupted 10-step t8 run (checkpoints at 5 and 10);
-      resumed: the same config in another workdir, crashed at step 7 (last checkpoint 5),
-               then restarted; the restart's summary.
+      resumed: the same config in another workdir (no export or plot), crashed at step 7 (last
+               checkpoint 5), then restarted; the restart's summary.
     """
     with _shared_dir(tmp_path_factory, "training_runs") as d:
         path = d / "summary.json"
@@ -115,7 +115,7 @@ def runs(data_dir, tmp_path_factory):
                 if step == 7:
                     raise _Crash()
 
-            cfg = _config(data_dir, d / "resume")
+            cfg = _config(data_dir, d / "resume", export=False, plot=False)  # the full run checks those
             try:
                 with after_each_step(crash_at_7):
                     trainer.train_and_evaluate(cfg, model_fn=T8_NATIVE)
