@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -95,11 +96,26 @@ def compile_one(row: Row, batch: int, timeout_s: float) -> Dict[str, Any]:
                           cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        raise RuntimeError(f"compile of {row} at batch {batch} failed:\n{proc.stderr[-2000:]}")
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+        report = out_of_memory_report(proc.stderr)
+        if report is None:
+            raise RuntimeError(f"compile of {row} at batch {batch} failed:\n{proc.stderr[-2000:]}")
+    else:
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
     report["cpu_s"] = round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1)
     report["wall_s"] = round(time.perf_counter() - start, 1)
     return report
+
+
+def out_of_memory_report(stderr: str) -> Optional[Dict[str, Any]]:
+    """A compile the TPU compiler refused for want of HBM, as a report that does not fit (its memory:
+    what the compiler says the temporaries need, a lower bound of the step's); None for other errors."""
+    match = re.search(r"RESOURCE_EXHAUSTED: Ran out of memory .*?\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)",
+                      stderr)
+    if match is None:
+        return None
+    needed, available = (int(float(g) * 2**30) for g in match.groups())
+    return {"out_of_memory": match.group(0), "available_bytes": available,
+            "train_step": {"memory_bytes": {"total": needed}, "fits": False}}
 
 
 def _one(spec: Dict[str, Any]) -> None:
@@ -150,8 +166,11 @@ class Runner:
                   flush=True)
             report = compile_one(row, batch, self.timeout_s)
             step = report["train_step"]
-            print(f"  {step['memory_bytes']['total'] / 2**30:.2f} GiB, {step['img_per_s_per_chip']:.0f} img/s, "
-                  f"CPU {report['cpu_s']:.0f}s, wall {report['wall_s']:.0f}s", flush=True)
+            if "out_of_memory" in report:
+                print(f"  does not fit: {report['out_of_memory']}", flush=True)
+            else:
+                print(f"  {step['memory_bytes']['total'] / 2**30:.2f} GiB, {step['img_per_s_per_chip']:.0f} img/s, "
+                      f"CPU {report['cpu_s']:.0f}s, wall {report['wall_s']:.0f}s", flush=True)
             self.results = {**load_results(self.path), key: report}  # another run may have added entries
             save_results(self.path, self.results)
         return self.results[key]
@@ -161,36 +180,49 @@ def largest_batch(runner: Runner, row: Row, probes: Sequence[int], refines: int 
     """The row's summary: the largest compiled batch whose step fits the chip's HBM.
 
     Compile at the two ``probes``, extrapolate the memory linearly to the HBM, compile that batch,
-    then refine: fit again through the two compiled batches that bracket the HBM best (the largest
-    that fits and the smallest that does not, else the two largest) and compile the new prediction,
-    until it is a batch already compiled (at most ``refines`` compiles after the probes). XLA's
-    memory does not grow exactly linearly with the batch, so the first prediction can stop well
-    under the HBM or overshoot it.
+    then refine: fit again through the two compiled batches that bracket the limit best (the
+    largest that fits and the smallest that does not, else the two largest) and compile the new
+    prediction, until no untried multiple of 8 lies between them (at most ``refines`` compiles
+    after the probes). XLA's memory does not grow exactly linearly with the batch, so the first
+    prediction can stop well under the HBM or overshoot it. A compile the TPU compiler refuses
+    for want of HBM does not fit; the memory it says it needed joins the fit, and the HBM it says
+    is available becomes the limit.
     """
     reports = {b: runner.get(row, b) for b in probes}
     if any(r is None for r in reports.values()):
         return {"row": row, "missing": True}
-    hbm = next(iter(reports.values()))["train_step"]["hbm_bytes"]
+    compiled = [r["train_step"]["hbm_bytes"] for r in reports.values() if "out_of_memory" not in r]
+    if not compiled:  # even the probes do not fit
+        return {"row": row, "missing": True}
+    hbm = compiled[0]
+
+    def limit() -> int:
+        return min([hbm] + [r["available_bytes"] for r in reports.values() if "out_of_memory" in r])
 
     def total(batch: int) -> int:
         return reports[batch]["train_step"]["memory_bytes"]["total"]
 
+    def fits(batch: int) -> bool:
+        return "out_of_memory" not in reports[batch] and total(batch) <= limit()
+
     predicted = None
     for _ in range(refines):
-        below = [b for b in reports if total(b) <= hbm]
-        above = [b for b in reports if total(b) > hbm]
+        below = [b for b in reports if fits(b)]
+        above = [b for b in reports if not fits(b)]
         pair = [max(below), min(above)] if below and above else sorted(reports)[-2:]
         try:
-            predicted = fit_max_batch([(b, total(b)) for b in pair], hbm)
+            predicted = fit_max_batch([(b, total(b)) for b in pair], limit())
         except ValueError:  # the memory did not grow between the two batches: keep what was compiled
             break
-        if predicted in reports:
+        if above:  # stay strictly between the largest batch that fits and the smallest that does not
+            predicted = min(predicted, min(above) - BATCH_MULTIPLE)
+        if predicted in reports or (below and predicted <= max(below)):
             break
         report = runner.get(row, predicted)
         if report is None:
             return {"row": row, "missing": True, "predicted_batch": predicted}
         reports[predicted] = report
-    fitting = [b for b in reports if total(b) <= hbm]
+    fitting = [b for b in reports if fits(b)]
     if not fitting:
         return {"row": row, "missing": True, "predicted_batch": predicted}
     batch = max(fitting)

@@ -109,3 +109,45 @@ def test_largest_batch_refines_the_fit_with_each_compile():
     assert out["batch"] == 376 and (1 + 0.06 * 384 ** 0.93) > 16  # the largest multiple of 8 that fits
     assert runner.compiled == [16, 32, 328, 368, 376] and out["cpu_s"] == 5.0
     assert largest_batch(FakeRunner(), Row("sa12", "v5e"), [16, 32], refines=1)["batch"] == 328
+
+
+def test_a_compile_refused_for_want_of_hbm_counts_as_not_fitting():
+    from benchmarks.tpu_estimates import Row, largest_batch, out_of_memory_report
+
+    message = ("jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+               "for HLO temporaries (15.77G) exceeds available HBM (15.75G).")
+    report = out_of_memory_report("Traceback ...\n" + message)
+    assert report["train_step"]["memory_bytes"]["total"] == int(15.77 * 2**30) and not report["train_step"]["fits"]
+    assert report["available_bytes"] == int(15.75 * 2**30)
+    assert out_of_memory_report("RuntimeError: something else") is None
+
+    gib = 2**30
+
+    class FakeRunner:  # 1 GiB + 0.04 GiB per image; the compiler has 15.75 of the chip's 16 GiB
+        def __init__(self):
+            self.compiled = []
+
+        def get(self, row, batch):
+            self.compiled.append(batch)
+            need = 1 + 0.04 * batch
+            if need > 15.75:
+                return out_of_memory_report(message.replace("15.77G", f"{need:.2f}G"))
+            return {"train_step": {"hbm_bytes": 16 * gib, "memory_bytes": {"total": int(need * gib)}}, "cpu_s": 1.0}
+
+    # the first prediction (368 per chip: 15.72 GiB) fits the compiler's 15.75 GiB
+    runner = FakeRunner()
+    assert largest_batch(runner, Row("sa12", "v5e"), [16, 32])["batch"] == 368 and runner.compiled == [16, 32, 368]
+
+    class Steeper(FakeRunner):  # the memory grows faster past 300 per chip: 376 needs 16.5 GiB
+        def get(self, row, batch):
+            self.compiled.append(batch)
+            need = 1 + 0.04 * batch + (0.1 * (batch - 300) if batch > 300 else 0)
+            if need > 15.75:
+                return out_of_memory_report(message.replace("15.77G", f"{need:.2f}G"))
+            return {"train_step": {"hbm_bytes": 16 * gib, "memory_bytes": {"total": int(need * gib)}}, "cpu_s": 1.0}
+
+    # 368 is refused; the fits through it step down, within 3 compiles after the probes, to 296
+    # (the true largest is 312)
+    runner = Steeper()
+    out = largest_batch(runner, Row("sa12", "v5e"), [16, 32])
+    assert runner.compiled == [16, 32, 368, 248, 296] and out["batch"] == 296
