@@ -205,7 +205,7 @@ def largest_batch(runner: Runner, row: Row, probes: Sequence[int], refines: int 
     def fits(batch: int) -> bool:
         return "out_of_memory" not in reports[batch] and total(batch) <= limit()
 
-    predicted = None
+    predicted, untried = None, None
     for _ in range(refines):
         below = [b for b in reports if fits(b)]
         above = [b for b in reports if not fits(b)]
@@ -219,14 +219,15 @@ def largest_batch(runner: Runner, row: Row, probes: Sequence[int], refines: int 
         if predicted in reports or (below and predicted <= max(below)):
             break
         report = runner.get(row, predicted)
-        if report is None:
-            return {"row": row, "missing": True, "predicted_batch": predicted}
+        if report is None:  # not in the cache (--table): the row stops at what was compiled
+            untried = predicted
+            break
         reports[predicted] = report
     fitting = [b for b in reports if fits(b)]
     if not fitting:
         return {"row": row, "missing": True, "predicted_batch": predicted}
     batch = max(fitting)
-    return {"row": row, "batch": batch, "report": reports[batch], "predicted_batch": predicted,
+    return {"row": row, "batch": batch, "report": reports[batch], "predicted_batch": predicted, "untried": untried,
             "compiled_batches": sorted(reports), "cpu_s": sum(r.get("cpu_s", 0.0) for r in reports.values())}
 
 
@@ -245,8 +246,9 @@ def table(summaries: List[Dict[str, Any]]) -> str:
             continue
         step, batch = s["report"]["train_step"], s["batch"]
         m = step["memory_bytes"]
+        largest = f"{batch}" if s.get("untried") is None else f"{batch} ({s['untried']} not compiled yet)"
         lines.append(
-            f"| {row.variant} | {convs} | {row.chip} | {batch} | {m['total'] / 2**30:.1f} of "
+            f"| {row.variant} | {convs} | {row.chip} | {largest} | {m['total'] / 2**30:.1f} of "
             f"{step['hbm_bytes'] / 2**30:.0f} | {step['flops'] / batch / 1e9:.1f} | "
             f"{step['bytes_accessed'] / batch / 1e6:.0f} | {step['step_s'] * 1e3:.0f} | {step['bound']} | "
             f"{step['img_per_s_per_chip']:,.0f} | {100 * step['mfu']:.1f}% | {s['cpu_s'] / 60:.0f} |")
