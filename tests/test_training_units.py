@@ -709,7 +709,8 @@ def test_init_from_another_variant_or_a_fused_file_names_what_it_holds():
 def test_remat_setting():
     from fastvit_jax.training.setup import resolve_remat
 
-    assert resolve_remat("auto") == "none"  # CPU; elementwise on TPU/GPU
+    assert resolve_remat("auto") == "none"  # CPU
+    assert (resolve_remat("auto", "tpu"), resolve_remat("auto", "gpu")) == ("none", "elementwise")
     assert resolve_remat("block") == "block" and get_config("t8").remat == "auto"
     with pytest.raises(ValueError, match="unknown remat policy 'some'"):
         get_config("t8", remat="some").validate()
