@@ -191,10 +191,10 @@ def largest_batch(runner: Runner, row: Row, probes: Sequence[int], refines: int 
     reports = {b: runner.get(row, b) for b in probes}
     if any(r is None for r in reports.values()):
         return {"row": row, "missing": True}
-    compiled = [r["train_step"]["hbm_bytes"] for r in reports.values() if "out_of_memory" not in r]
-    if not compiled:  # even the probes do not fit
+    chip_hbm = [r["train_step"]["hbm_bytes"] for r in reports.values() if "out_of_memory" not in r]
+    if not chip_hbm:  # even the probes do not fit
         return {"row": row, "missing": True}
-    hbm = compiled[0]
+    hbm = chip_hbm[0]
 
     def limit() -> int:
         return min([hbm] + [r["available_bytes"] for r in reports.values() if "out_of_memory" in r])

@@ -44,8 +44,8 @@ class ComputePolicy:
         check_policy(self.remat)
 
 
-_CURRENT: contextvars.ContextVar[Optional[ComputePolicy]] = contextvars.ContextVar("fastvit_compute_policy",
-                                                                                   default=None)
+_CURRENT: contextvars.ContextVar[ComputePolicy] = contextvars.ContextVar("fastvit_compute_policy",
+                                                                         default=ComputePolicy())
 
 
 @contextlib.contextmanager
@@ -60,7 +60,7 @@ def compute_policy(policy: ComputePolicy) -> Iterator[ComputePolicy]:
 
 def current_policy() -> ComputePolicy:
     """The policy of the model being traced, or the default ``ComputePolicy()``."""
-    return _CURRENT.get() or ComputePolicy()
+    return _CURRENT.get()
 
 
 def compute_dtype(override: Optional[Any] = None) -> Any:

@@ -13,8 +13,8 @@ from fastvit_jax.training import multihost
 from fastvit_jax.training.config import TrainConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-ACCELERATORS = ("tpu", "gpu", "cuda", "rocm")
 GPUS = ("gpu", "cuda", "rocm")
+ACCELERATORS = ("tpu", *GPUS)
 
 
 def _on_accelerator(platform: Optional[str]) -> bool:
