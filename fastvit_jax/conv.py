@@ -283,6 +283,15 @@ def needs_materialized_input(lowering: Optional[str] = None) -> bool:
     return (lowering or default_lowering()) == "shift" and jax.default_backend() == "cpu"
 
 
+# The lowered convs, each one compiled program when called outside jit: eagerly (``model.init`` or
+# ``model.apply`` without ``jax.jit``) a 7x7 shifted sum would otherwise dispatch, and compile,
+# 49 slices, multiplies and adds one by one (t8's eager init: ~400 tiny compiles, ~15 s on CPU).
+# Under jit they are inlined into the caller's program.
+_conv2d_shift_jit = jax.jit(conv2d_shift, static_argnums=(2, 3))
+_conv2d_pointwise_jit = jax.jit(conv2d_pointwise, static_argnums=(2,))
+_conv2d_dense_small_jit = jax.jit(conv2d_dense_small, static_argnums=(2, 3))
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0, groups: int = 1,
            lowering: Optional[str] = None) -> jax.Array:
     """NHWC convolution, HWIO kernel, symmetric zero padding, PyTorch grouping.
@@ -295,9 +304,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
     kh, kw, in_per_group, _ = kernel.shape
     if lowering == "shift":
         if in_per_group == 1 and groups == x.shape[-1] and groups > 1:
-            return conv2d_shift(x, kernel, stride, padding)
+            return _conv2d_shift_jit(x, kernel, stride, padding)
         if groups == 1 and kh == kw == 1 and padding == 0:
-            return conv2d_pointwise(x, kernel, stride)
+            return _conv2d_pointwise_jit(x, kernel, stride)
         if groups == 1 and kh * kw * in_per_group <= DENSE_SMALL_MAX_COLUMNS:
-            return conv2d_dense_small(x, kernel, stride, padding)
+            return _conv2d_dense_small_jit(x, kernel, stride, padding)
     return conv2d_native(x, kernel, stride, padding, groups)

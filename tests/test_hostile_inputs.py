@@ -35,7 +35,7 @@ def _png_claiming(width: int, height: int) -> bytes:
 def t8_file(tmp_path_factory):
     model = fastvit_jax.create_model("t8", num_classes=3, inference_mode=True,
                                      pretrained_cfg=fastvit_jax.pretrained_cfg("t8", num_classes=3, image_size=64))
-    variables = jax.device_get(model.init(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32)))
+    variables = jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32)))
     path = tmp_path_factory.mktemp("hostile") / "t8.safetensors"
     fastvit_jax.save_variables(path, variables, model=model)
     return path, model, variables

@@ -166,14 +166,16 @@ def test_star_import_and_all_names_resolve():
 def test_forward_stages_out_indices():
     model = fastvit_jax.create_model("t8")
     x = np.zeros((1, 64, 64, 3), np.float32)
-    variables = model.init(jax.random.key(0), x)
-    every = model.apply(variables, x, method=model.forward_stages)
-    picked = model.apply(variables, x, method=model.forward_stages, out_indices=(1, -1))
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    stages = jax.jit(lambda v, x, out_indices=None: model.apply(v, x, method=model.forward_stages,
+                                                                out_indices=out_indices), static_argnames="out_indices")
+    every = stages(variables, x)
+    picked = stages(variables, x, out_indices=(1, -1))
     assert [f.shape for f in every] == [(1, 16, 16, 48), (1, 8, 8, 96), (1, 4, 4, 192), (1, 2, 2, 384)]
     assert [f.shape for f in picked] == [every[1].shape, every[3].shape]
     np.testing.assert_array_equal(picked[0], every[1])
     with pytest.raises(ValueError, match="out_indices entry 4 is out of range for 4 stages"):
-        model.apply(variables, x, method=model.forward_stages, out_indices=(4,))
+        stages(variables, x, out_indices=(4,))
 
 
 # --------------------------------------------------------------------------- transform + predict
@@ -342,7 +344,7 @@ def test_predict_names_classes_from_the_file_and_prints_embeddings(tmp_path, cap
     for classes, label_names in ((3, names), (0, ())):
         cfg = fastvit_jax.pretrained_cfg("t8", num_classes=classes, image_size=64).replace(label_names=label_names)
         model = fastvit_jax.create_model("t8", num_classes=classes, inference_mode=True, pretrained_cfg=cfg)
-        variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32))
+        variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32))
         path = tmp_path / f"m{classes}.safetensors"
         fastvit_jax.save_variables(path, jax.device_get(variables), model=model)
         capsys.readouterr()

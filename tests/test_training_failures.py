@@ -121,7 +121,7 @@ def test_export_never_overwrites_the_init_from_file(tmp_path):
     from fastvit_jax.training.pretrained import export_fused
 
     model = fastvit_jax.create_model("t8", num_classes=10)
-    variables = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
+    variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
     cfg = get_config("t8", dataset="demo", num_classes=10, image_size=64, workdir=str(tmp_path))
     target = export_fused(str(tmp_path), variables, cfg, step=1)
     before = open(target, "rb").read()
