@@ -168,6 +168,8 @@ def jax_to_numpy(tree: Any) -> Any:
 def export(checkpoint: str, output: str, *, fmt: Optional[str] = None, image_size: Optional[int] = None,
            batch: Optional[int] = None, float16: bool = False, overwrite: bool = False) -> ExportResult:
     """Export ``checkpoint`` (any file ``load_model`` reads) to ``output``; see the module docstring."""
+    import jax
+
     from fastvit_jax.io import write_atomically
     from fastvit_jax.loading import load_model
     from fastvit_variants import check_image_size
@@ -191,7 +193,7 @@ def export(checkpoint: str, output: str, *, fmt: Optional[str] = None, image_siz
         write = lambda tmp: write_tflite(tmp, model, variables, size, batch, float16)  # noqa: E731
     check_batch = batch or 3
     images = np.random.default_rng(0).standard_normal((check_batch, size, size, 3)).astype(np.float32)
-    reference = np.asarray(model.apply(variables, images))
+    reference = np.asarray(jax.jit(model.apply)(variables, images))  # one program, not op by op
 
     def write_and_verify(tmp: str) -> None:
         write(tmp)

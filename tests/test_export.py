@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -66,7 +67,7 @@ def test_runtime_logits_match_jax_and_torch(tmp_path_factory, variant, fmt):
     x = np.random.RandomState(7).randn(5, size, size, 3).astype(np.float32)  # not the check's batch of 3
     got = export.run_onnx(out, x) if fmt == "onnx" else export.run_tflite(out, x)
     model, variables = fastvit_jax.load_model(ckpt, inference_mode=True)
-    jax_logits = np.asarray(model.apply(variables, x))
+    jax_logits = np.asarray(jax.jit(model.apply)(variables, x))
     ref = torch_logits(torch_fused(variant), x.transpose(0, 3, 1, 2))
     assert np.abs(ref - torch_logits(torch_fused(variant), -x.transpose(0, 3, 1, 2))).max() > 0.05 * np.abs(ref).max()
     for name, expected in (("JAX", jax_logits), ("torch_ref", ref)):
@@ -175,7 +176,7 @@ def test_tflite_export_of_a_narrow_five_stage_layernorm_tower(tmp_path):
     export.write_tflite(out, model, fused, image_size=128, batch=None)
     x = np.random.RandomState(3).randn(2, 128, 128, 3).astype(np.float32)
     got = export.run_tflite(out, x)
-    expected = np.asarray(model.apply(fused, x))
+    expected = np.asarray(jax.jit(model.apply)(fused, x))
     ref = torch_logits(twin, x.transpose(0, 3, 1, 2))
     assert np.abs(ref - torch_logits(twin, -x.transpose(0, 3, 1, 2))).max() > 0.05 * np.abs(ref).max()
     assert relative_error(expected, ref) <= 1e-5

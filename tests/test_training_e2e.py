@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -183,13 +184,14 @@ def test_trainer_export_loads_with_its_data_config(full_run, data_dir):
 
     _, res = full_run
     model, variables = fastvit_jax.load_model(res["export_path"])
+    forward = jax.jit(model.apply)
     cfg = model.pretrained_cfg
     assert (model.cfg.name, model.inference_mode, model.num_classes) == ("t8", True, 1000)
     assert (cfg.image_size, cfg.crop_pct) == (32, 0.9)
     correct5 = total = 0
     for batch in make_eval_dataset("imagenet2012", data_dir, batch_size=8, image_size=cfg.image_size,
                                    crop_pct=cfg.crop_pct).as_numpy_iterator():
-        logits = np.asarray(model.apply(variables, batch["image"]))
+        logits = np.asarray(forward(variables, batch["image"]))
         top5 = np.argsort(-logits, axis=-1)[:, :5]
         keep = batch["mask"] > 0
         correct5 += int((top5 == batch["label"][:, None]).any(-1)[keep].sum())
