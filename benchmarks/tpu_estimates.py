@@ -43,6 +43,10 @@ DEFAULT_RESULTS = os.path.join(REPO, "benchmarks", "results", "tpu_estimates.jso
 ONE_CHIP = {"v5e": "v5e:1x1", "v6e": "v6e:1x1", "v4": "v4:1x1x1", "v5p": "v5p:1x1x1"}
 BATCH_MULTIPLE = 8
 MAX_REFINES = 3  # compiles after the two probes, per row
+# A refinement assumes at least this fraction of the probes' memory per image: near the HBM limit
+# the TPU compiler rematerialises on its own and the memory can stay flat over a few batches
+# (ma36 on v5e: 14.22 GiB at 80, 14.25 at 88), which a straight fit would fling far out (616).
+MIN_SLOPE_FRACTION = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +188,8 @@ def largest_batch(runner: Runner, row: Row, probes: Sequence[int], refines: int 
     largest that fits and the smallest that does not, else the two largest) and compile the new
     prediction, until no untried multiple of 8 lies between them (at most ``refines`` compiles
     after the probes). XLA's memory does not grow exactly linearly with the batch, so the first
-    prediction can stop well under the HBM or overshoot it. A compile the TPU compiler refuses
+    prediction can stop well under the HBM or overshoot it, and a refinement never assumes less
+    than ``MIN_SLOPE_FRACTION`` of the probes' memory per image. A compile the TPU compiler refuses
     for want of HBM does not fit; the memory it says it needed joins the fit, and the HBM it says
     is available becomes the limit.
     """
@@ -205,6 +210,8 @@ def largest_batch(runner: Runner, row: Row, probes: Sequence[int], refines: int 
     def fits(batch: int) -> bool:
         return "out_of_memory" not in reports[batch] and total(batch) <= limit()
 
+    low, high = sorted(probes)[:2]
+    probe_slope = (total(high) - total(low)) / (high - low)
     predicted, untried = None, None
     for _ in range(refines):
         below = [b for b in reports if fits(b)]
@@ -216,6 +223,10 @@ def largest_batch(runner: Runner, row: Row, probes: Sequence[int], refines: int 
             break
         if above:  # stay strictly between the largest batch that fits and the smallest that does not
             predicted = min(predicted, min(above) - BATCH_MULTIPLE)
+        if below and probe_slope > 0:
+            reach = max(below) + (limit() - total(max(below))) / (MIN_SLOPE_FRACTION * probe_slope)
+            predicted = min(predicted, max(max(below) + BATCH_MULTIPLE,
+                                           int(reach) // BATCH_MULTIPLE * BATCH_MULTIPLE))
         if predicted in reports or (below and predicted <= max(below)):
             break
         report = runner.get(row, predicted)

@@ -111,6 +111,25 @@ def test_largest_batch_refines_the_fit_with_each_compile():
     assert largest_batch(FakeRunner(), Row("sa12", "v5e"), [16, 32], refines=1)["batch"] == 328
 
 
+def test_a_flat_stretch_of_memory_does_not_fling_the_fit_far_out():
+    """ma36 on v5e: 4.03 / 6.77 GiB at 16 / 32, then 14.22 at 80 and 14.25 at 88 (the compiler
+    rematerialises near the limit). A straight fit through 80 and 88 predicts 616; the refinement
+    assumes at least half the probes' memory per image and tries 104."""
+    from benchmarks.tpu_estimates import Row, largest_batch
+
+    gib = 2**30
+    memory = {16: 4.03, 32: 6.77, 80: 14.22, 88: 14.25, 104: 15.2}
+    compiled = []
+
+    class FakeRunner:
+        def get(self, row, batch):
+            compiled.append(batch)
+            return {"train_step": {"hbm_bytes": 16 * gib, "memory_bytes": {"total": int(memory[batch] * gib)}}}
+
+    out = largest_batch(FakeRunner(), Row("ma36", "v5e"), [16, 32], refines=3)
+    assert compiled[:4] == [16, 32, 80, 88] and compiled[4] == 104 and out["batch"] == 104
+
+
 def test_a_compile_refused_for_want_of_hbm_counts_as_not_fitting():
     from benchmarks.tpu_estimates import Row, largest_batch, out_of_memory_report
 
