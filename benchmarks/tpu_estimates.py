@@ -223,10 +223,11 @@ def largest_batch(runner: Runner, row: Row, probes: Sequence[int], refines: int 
             break
         if above:  # stay strictly between the largest batch that fits and the smallest that does not
             predicted = min(predicted, min(above) - BATCH_MULTIPLE)
-        if below and probe_slope > 0:
-            reach = max(below) + (limit() - total(max(below))) / (MIN_SLOPE_FRACTION * probe_slope)
-            predicted = min(predicted, max(max(below) + BATCH_MULTIPLE,
-                                           int(reach) // BATCH_MULTIPLE * BATCH_MULTIPLE))
+        if below and probe_slope > 0:  # the same fit from the largest batch that fits, at the floor slope
+            top = max(below)
+            floor_fit = fit_max_batch([(top, total(top)), (top + 1, total(top) + MIN_SLOPE_FRACTION * probe_slope)],
+                                      limit())
+            predicted = min(predicted, max(top + BATCH_MULTIPLE, floor_fit))
         if predicted in reports or (below and predicted <= max(below)):
             break
         report = runner.get(row, predicted)

@@ -17,16 +17,16 @@ GPUS = ("gpu", "cuda", "rocm")
 ACCELERATORS = ("tpu", *GPUS)
 
 
-def _on_accelerator(platform: Optional[str]) -> bool:
-    """True for a TPU/GPU ``platform`` (default: the backend JAX runs on)."""
-    return (platform or jax.default_backend()) in ACCELERATORS
+def _platform(platform: Optional[str]) -> str:
+    """``platform``, or the backend JAX runs on."""
+    return platform or jax.default_backend()
 
 
 def resolve_dtype(name: str, platform: Optional[str] = None) -> Any:
     """'auto' -> bfloat16 on TPU/GPU, float32 on CPU; else the named dtype. ``platform``: the
     backend the step is compiled for (default: JAX's; --compile_only: 'tpu')."""
     if name in (None, "", "auto"):
-        return jnp.bfloat16 if _on_accelerator(platform) else jnp.float32
+        return jnp.bfloat16 if _platform(platform) in ACCELERATORS else jnp.float32
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
@@ -39,7 +39,7 @@ def resolve_remat(name: str, platform: Optional[str] = None) -> str:
     at 328 per chip without remat, 1,812 at 320 with elementwise, whose 408 does not fit) and on CPU
     (compute-bound: recomputing costs time); else the named policy."""
     if name in (None, "", "auto"):
-        return "elementwise" if (platform or jax.default_backend()) in GPUS else "none"
+        return "elementwise" if _platform(platform) in GPUS else "none"
     return name
 
 
