@@ -81,6 +81,10 @@ def main(argv=None) -> int:
     from fastvit_jax import host_memory
 
     host_memory.keep_freed_host_memory(args.host_malloc)
+    # Fake CPU devices (XLA_FLAGS): enough threads that their collectives cannot wait forever.
+    from fastvit_jax.launch import cpu_pool_for_collectives
+
+    os.environ.update(cpu_pool_for_collectives(os.environ))
     configure_logging()
     from fastvit_jax.quiet import quiet_native_logs
 

@@ -16,9 +16,9 @@ Usage: python -m fastvit_jax.demo [--workdir demo_out] [--steps 120] [--image_si
 
 import os
 
-from fastvit_jax.launch import with_device_count  # noqa: E402  (imports neither JAX nor TensorFlow)
+from fastvit_jax.launch import fake_cpu_devices  # noqa: E402  (imports neither JAX nor TensorFlow)
 
-os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), 8)
+os.environ.update(fake_cpu_devices(os.environ, 8))
 
 from fastvit_jax import host_memory  # noqa: E402  (imports neither JAX nor PyTorch)
 from fastvit_jax.quiet import quiet_native_logs  # noqa: E402

@@ -6,7 +6,8 @@
 Every process gets ``JAX_COORDINATOR_ADDRESS`` (127.0.0.1 and a free port),
 ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, which ``train_tpu.py`` passes to
 ``jax.distributed.initialize``. ``--devices_per_process N`` gives every process N CPU
-devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, ``JAX_PLATFORMS=cpu``).
+devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, ``JAX_PLATFORMS=cpu``, and
+``PJRT_NPROC=4N`` threads for them: ``cpu_pool_for_collectives``).
 Output lines are prefixed with ``[pI]``. When a process fails, the others get
 ``--grace_s`` seconds to notice it and exit on their own, then they are killed. SIGTERM or
 SIGINT to the launcher is passed on to every process (the trainer saves a checkpoint). The
@@ -31,9 +32,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, List, Optional, Sequence
+from typing import IO, Dict, List, Mapping, Optional, Sequence
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+CPU_POOL_ENV = "PJRT_NPROC"  # XLA:CPU's thread pool size, read when JAX creates its CPU client
+POOL_THREADS_PER_DEVICE = 4
 POLL_S = 0.2
 
 
@@ -50,13 +53,43 @@ def with_device_count(xla_flags: str, devices: int) -> str:
     return " ".join(kept + [f"{DEVICE_COUNT_FLAG}={devices}"])
 
 
+def fake_device_count(xla_flags: str) -> int:
+    """The CPU device count that ``xla_flags`` asks for (1 when it does not)."""
+    counts = re.findall(rf"{DEVICE_COUNT_FLAG}=(\d+)", xla_flags)
+    return int(counts[-1]) if counts else 1
+
+
+def cpu_pool_for_collectives(env: Mapping[str, str]) -> Dict[str, str]:
+    """What to add to ``env`` so that collectives between fake CPU devices do not run out of threads:
+    ``{PJRT_NPROC: 4 x devices}``; nothing with one device or when ``env`` sets PJRT_NPROC.
+
+    XLA:CPU runs the programs of all of a process's CPU devices on one thread pool of
+    max(cores, devices) threads, and a collective (the gradient all-reduce, BatchNorm's batch
+    statistics) holds its thread until every device has joined it. When collectives hold all
+    the threads while the devices they wait for have none left to run on, the step stops, and
+    XLA aborts the process after 40 s ("Termination timeout for all reduce ... Expected 8
+    threads to join the rendezvous, but only 7 of them arrived"). It happened on 2 cores with
+    8 devices, with other work on the machine; 4 threads per device leaves threads free."""
+    devices = fake_device_count(env.get("XLA_FLAGS", ""))
+    if devices <= 1 or CPU_POOL_ENV in env:
+        return {}
+    return {CPU_POOL_ENV: str(POOL_THREADS_PER_DEVICE * devices)}
+
+
+def fake_cpu_devices(env: Mapping[str, str], devices: int) -> Dict[str, str]:
+    """``env`` with ``devices`` fake CPU devices (XLA_FLAGS) and a thread pool sized for them."""
+    out = dict(env, XLA_FLAGS=with_device_count(env.get("XLA_FLAGS", ""), devices))
+    out.update(cpu_pool_for_collectives(out))
+    return out
+
+
 def process_env(base: dict, *, process_id: int, num_processes: int, address: str,
                 devices_per_process: Optional[int]) -> dict:
     """The environment of process ``process_id``."""
     env = dict(base, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(num_processes),
                JAX_PROCESS_ID=str(process_id), PYTHONUNBUFFERED="1")
     if devices_per_process:
-        env["XLA_FLAGS"] = with_device_count(base.get("XLA_FLAGS", ""), devices_per_process)
+        env = fake_cpu_devices(env, devices_per_process)
         env["JAX_PLATFORMS"] = "cpu"
     return env
 

@@ -1,15 +1,18 @@
 """Shared pytest setup.
 
 JAX reads XLA_FLAGS once, when its backend initialises: fake 8 CPU devices here, before
-any test module imports jax, so sharding tests see a real 8-device mesh.
+any test module imports jax, so sharding tests see a real 8-device mesh (with the thread pool
+``fastvit_jax.launch.cpu_pool_for_collectives`` sizes for them).
 """
 
 import os
 
+from fastvit_jax.launch import DEVICE_COUNT_FLAG, cpu_pool_for_collectives, fake_cpu_devices
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+if DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ.update(fake_cpu_devices(os.environ, 8))
+os.environ.update(cpu_pool_for_collectives(os.environ))
 
 import pytest  # noqa: E402
 

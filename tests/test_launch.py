@@ -1,9 +1,13 @@
 """``python -m fastvit_jax.launch``: environment per process, prefixed output, worst exit status,
-the others killed after a failure (plain Python children, no JAX: seconds)."""
+the others killed after a failure, the thread pool of fake CPU devices (plain Python children and one
+JAX process: seconds)."""
 
 import io
+import os
 import sys
 import time
+
+import pytest
 
 from fastvit_jax import launch
 
@@ -14,9 +18,30 @@ def test_each_process_gets_the_coordinator_its_id_and_its_devices():
     assert env["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:999"
     assert (env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"], env["A"]) == ("3", "1", "b")
     assert env["XLA_FLAGS"] == "--xla_cpu_x=1 --xla_force_host_platform_device_count=2"
-    assert env["JAX_PLATFORMS"] == "cpu"
+    assert env["JAX_PLATFORMS"] == "cpu" and env["PJRT_NPROC"] == "8"  # 4 threads per device
     assert "JAX_PLATFORMS" not in launch.process_env({}, process_id=0, num_processes=2, address="h:1",
                                                      devices_per_process=None)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
+def test_fake_devices_get_a_thread_pool_their_collectives_cannot_exhaust():
+    """XLA:CPU's pool has max(cores, devices) threads by default; a collective holds its thread
+    until every device joins, so with 8 devices on 2 cores a step could wait forever (and XLA
+    abort after 40 s). PJRT_NPROC sizes the pool: checked in a real JAX process."""
+    import subprocess
+
+    assert launch.cpu_pool_for_collectives({}) == {}  # one device: no collectives
+    assert launch.cpu_pool_for_collectives({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}) == {
+        "PJRT_NPROC": "32"}
+    assert launch.cpu_pool_for_collectives({"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                                            "PJRT_NPROC": "9"}) == {}  # the user's own setting stays
+    code = ("import glob, jax\n(jax.numpy.ones(8) + 1).block_until_ready()\n"
+            "print(sum('XLAEigen' in open(f).read() for f in glob.glob('/proc/self/task/*/comm')))")
+    env = launch.fake_cpu_devices({k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PJRT_NPROC")}, 4)
+    r = subprocess.run([sys.executable, "-c", code], env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.split()[-1]) == 16
 
 
 def test_scripts_run_with_this_python_and_signals_count_as_128_plus():
