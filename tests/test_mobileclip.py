@@ -308,7 +308,7 @@ def test_fine_tune_a_converted_tower_with_a_new_head(tmp_path):
     make_fake_imagenet(str(tmp_path / "tfds"), str(tmp_path / "manual"), num_classes_used=4, per_class=2, num_val=8)
     cfg = get_config(
         "mci0", dataset="imagenet2012", data_dir=str(tmp_path / "tfds"), workdir=str(tmp_path / "ft"), init_from=path,
-        global_batch_size=8, image_size=64, num_epochs=None, num_steps=1, warmup_steps=1, eval_every=0,
+        global_batch_size=8, image_size=32, num_epochs=None, num_steps=1, warmup_steps=1, eval_every=0,
         eval_batch_size=8, log_every=1, randaugment="", reprob=0.0, export=False, plot=False, progress=False)
     # native convs: the train step compiles ~3x faster on CPU than with the 'shift' default
     res = trainer.train_and_evaluate(cfg, model_fn=functools.partial(fastvit_jax.create_model, lowering="native"))
