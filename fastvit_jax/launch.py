@@ -7,7 +7,7 @@ Every process gets ``JAX_COORDINATOR_ADDRESS`` (127.0.0.1 and a free port),
 ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, which ``train_tpu.py`` passes to
 ``jax.distributed.initialize``. ``--devices_per_process N`` gives every process N CPU
 devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, ``JAX_PLATFORMS=cpu``, and
-``PJRT_NPROC=4N`` threads for them: ``cpu_pool_for_collectives``).
+at least 4N threads for them, ``PJRT_NPROC``: ``cpu_pool_for_collectives``).
 Output lines are prefixed with ``[pI]``. When a process fails, the others get
 ``--grace_s`` seconds to notice it and exit on their own, then they are killed. SIGTERM or
 SIGINT to the launcher is passed on to every process (the trainer saves a checkpoint). The
@@ -61,7 +61,7 @@ def fake_device_count(xla_flags: str) -> int:
 
 def cpu_pool_for_collectives(env: Mapping[str, str]) -> Dict[str, str]:
     """What to add to ``env`` so that collectives between fake CPU devices do not run out of threads:
-    ``{PJRT_NPROC: 4 x devices}``; nothing with one device or when ``env`` sets PJRT_NPROC.
+    ``{PJRT_NPROC: max(cores, 4 x devices)}``; nothing with one device or when ``env`` sets PJRT_NPROC.
 
     XLA:CPU runs the programs of all of a process's CPU devices on one thread pool of
     max(cores, devices) threads, and a collective (the gradient all-reduce, BatchNorm's batch
@@ -73,7 +73,7 @@ def cpu_pool_for_collectives(env: Mapping[str, str]) -> Dict[str, str]:
     devices = fake_device_count(env.get("XLA_FLAGS", ""))
     if devices <= 1 or CPU_POOL_ENV in env:
         return {}
-    return {CPU_POOL_ENV: str(POOL_THREADS_PER_DEVICE * devices)}
+    return {CPU_POOL_ENV: str(max(os.cpu_count() or 1, POOL_THREADS_PER_DEVICE * devices))}
 
 
 def fake_cpu_devices(env: Mapping[str, str], devices: int) -> Dict[str, str]:

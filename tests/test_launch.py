@@ -18,7 +18,7 @@ def test_each_process_gets_the_coordinator_its_id_and_its_devices():
     assert env["JAX_COORDINATOR_ADDRESS"] == "127.0.0.1:999"
     assert (env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"], env["A"]) == ("3", "1", "b")
     assert env["XLA_FLAGS"] == "--xla_cpu_x=1 --xla_force_host_platform_device_count=2"
-    assert env["JAX_PLATFORMS"] == "cpu" and env["PJRT_NPROC"] == "8"  # 4 threads per device
+    assert env["JAX_PLATFORMS"] == "cpu" and env["PJRT_NPROC"] == str(max(os.cpu_count(), 8))  # 4 per device
     assert "JAX_PLATFORMS" not in launch.process_env({}, process_id=0, num_processes=2, address="h:1",
                                                      devices_per_process=None)
 
@@ -32,7 +32,7 @@ def test_fake_devices_get_a_thread_pool_their_collectives_cannot_exhaust():
 
     assert launch.cpu_pool_for_collectives({}) == {}  # one device: no collectives
     assert launch.cpu_pool_for_collectives({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}) == {
-        "PJRT_NPROC": "32"}
+        "PJRT_NPROC": str(max(os.cpu_count(), 32))}  # never fewer threads than cores
     assert launch.cpu_pool_for_collectives({"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
                                             "PJRT_NPROC": "9"}) == {}  # the user's own setting stays
     code = ("import glob, jax\n(jax.numpy.ones(8) + 1).block_until_ready()\n"
@@ -41,7 +41,7 @@ def test_fake_devices_get_a_thread_pool_their_collectives_cannot_exhaust():
     r = subprocess.run([sys.executable, "-c", code], env=dict(env, JAX_PLATFORMS="cpu"), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert int(r.stdout.split()[-1]) == 16
+    assert int(r.stdout.split()[-1]) == max(os.cpu_count(), 16)
 
 
 def test_scripts_run_with_this_python_and_signals_count_as_128_plus():
