@@ -65,6 +65,17 @@ def _wait_for(log_path, pattern, count, proc, timeout=RUN_TIMEOUT_S):
     raise AssertionError(f"no {count} x {pattern!r} within {timeout}s:\n{open(log_path).read()[-3000:]}")
 
 
+def _wait_for_path(path, timeout=RUN_TIMEOUT_S):
+    """True once ``path`` exists (orbax finalises a checkpoint in a background thread, which goes on
+    while the step callback pauses the run), False after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not os.path.isdir(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def _child_pids(text):
     return {int(p): int(pid) for p, pid in re.findall(r"\[launch\] process (\d+) of \d+: pid (\d+)", text)}
 
@@ -99,7 +110,7 @@ def runs(tmp_path_factory):
                                worker_args=_worker_args(data, two, "--pause_after_step", str(PAUSE_AFTER)))
             try:
                 text = _wait_for(d / "killed.log", rf"\[p\d\] paused after step {PAUSE_AFTER}", 2, proc)
-                checkpoint_on_disk = os.path.isdir(two / "checkpoints" / str(CHECKPOINT_EVERY))
+                checkpoint_on_disk = _wait_for_path(two / "checkpoints" / str(CHECKPOINT_EVERY))
                 for pid in _child_pids(text).values():
                     os.kill(pid, signal.SIGKILL)
                 rc = proc.wait(timeout=60)
