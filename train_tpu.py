@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     from fastvit_jax import host_memory
 
     host_memory.keep_freed_host_memory(args.host_malloc)
-    # Fake CPU devices (XLA_FLAGS): enough threads that their collectives cannot wait forever.
+    # Fake CPU devices (XLA_FLAGS): a thread pool large enough that their collectives do not run out of threads.
     from fastvit_jax.launch import cpu_pool_for_collectives
 
     os.environ.update(cpu_pool_for_collectives(os.environ))

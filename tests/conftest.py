@@ -7,12 +7,12 @@ any test module imports jax, so sharding tests see a real 8-device mesh (with th
 
 import os
 
-from fastvit_jax.launch import DEVICE_COUNT_FLAG, cpu_pool_for_collectives, fake_cpu_devices
+from fastvit_jax.launch import DEVICE_COUNT_FLAG, cpu_pool_for_collectives, with_device_count
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ.update(fake_cpu_devices(os.environ, 8))
-os.environ.update(cpu_pool_for_collectives(os.environ))
+    os.environ["XLA_FLAGS"] = with_device_count(os.environ.get("XLA_FLAGS", ""), 8)
+os.environ.update(cpu_pool_for_collectives(os.environ))  # also for a device count set by the caller
 
 import pytest  # noqa: E402
 

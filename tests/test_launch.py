@@ -24,7 +24,7 @@ def test_each_process_gets_the_coordinator_its_id_and_its_devices():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc")
-def test_fake_devices_get_a_thread_pool_their_collectives_cannot_exhaust():
+def test_fake_devices_get_four_pool_threads_each():
     """XLA:CPU's pool has max(cores, devices) threads by default; a collective holds its thread
     until every device joins, so with 8 devices on 2 cores a step could wait forever (and XLA
     abort after 40 s). PJRT_NPROC sizes the pool: checked in a real JAX process."""
