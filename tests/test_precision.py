@@ -88,8 +88,11 @@ def test_remat_policies_give_the_same_gradients_and_keep_less():
         results[policy] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
     for policy in ("elementwise", "block"):
         for a, b in zip(jax.tree.leaves(results[policy]), jax.tree.leaves(results["none"])):
-            # float32 recomputation reassociates sums: differences scale with the leaf's magnitude
-            atol = max(1e-6, 1e-5 * float(np.abs(b).max()))
+            # float32 recomputation reassociates sums with cancellation (a 1x1 kernel's gradient sums
+            # B*H*W terms far larger than itself): up to 2.4e-5 of the leaf's largest entry on an
+            # AVX-512 Xeon, under 1e-5 on AMD EPYC. The 1e-6 floor is for leaves that are zero up to rounding
+            # (a BatchNorm bias feeding another BatchNorm).
+            atol = max(1e-6, 1e-4 * float(np.abs(b).max()))
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=atol)
     kept = {policy: per_image("t8", policy, image_size=64) for policy in ("none", "elementwise", "block")}
     assert kept["none"] > 1.5 * kept["elementwise"] and kept["elementwise"] > kept["block"] > 0, kept
