@@ -25,7 +25,7 @@ import fastvit_jax
 import torch_ref
 from fastvit_jax.weights.layouts import timm_to_apple
 from fastvit_jax.weights.state_dict import ConversionError
-from helpers import assert_parity, images, torch_fused, torch_logits, torch_model
+from helpers import assert_parity, images, jit_init, torch_fused, torch_logits, torch_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_TORCH = "import sys; sys.modules['torch'] = None  # any `import torch` now raises ImportError\n"
@@ -166,7 +166,7 @@ def test_star_import_and_all_names_resolve():
 def test_forward_stages_out_indices():
     model = fastvit_jax.create_model("t8")
     x = np.zeros((1, 64, 64, 3), np.float32)
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    variables = jit_init(model)(jax.random.key(0), x)
     stages = jax.jit(lambda v, x, out_indices=None: model.apply(v, x, method=model.forward_stages,
                                                                 out_indices=out_indices), static_argnames="out_indices")
     every = stages(variables, x)
@@ -344,7 +344,7 @@ def test_predict_names_classes_from_the_file_and_prints_embeddings(tmp_path, cap
     for classes, label_names in ((3, names), (0, ())):
         cfg = fastvit_jax.pretrained_cfg("t8", num_classes=classes, image_size=64).replace(label_names=label_names)
         model = fastvit_jax.create_model("t8", num_classes=classes, inference_mode=True, pretrained_cfg=cfg)
-        variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32))
+        variables = jit_init(model)(jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32))
         path = tmp_path / f"m{classes}.safetensors"
         fastvit_jax.save_variables(path, jax.device_get(variables), model=model)
         capsys.readouterr()

@@ -20,6 +20,7 @@ from fastvit_jax.training.optimizer import make_optimizer
 from fastvit_jax.training.plan import make_plan
 from fastvit_jax.training.state import create_state, init_variables
 from fastvit_jax.training.steps import make_train_step, run_args, schedule_of
+from helpers import jit_init
 
 
 @functools.lru_cache(maxsize=4)
@@ -78,7 +79,7 @@ def test_remat_policies_give_the_same_gradients_and_keep_less():
     results = {}
     for policy in ("none", "elementwise", "block"):
         model = fastvit_jax.create_model("sa12", num_classes=10, lowering="native", remat=policy)
-        variables = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1])
+        variables = jit_init(model)(jax.random.PRNGKey(0), x[:1])
 
         def loss(params):
             logits, updates = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
@@ -124,7 +125,7 @@ def test_the_model_hands_its_compute_policy_to_every_layer():
     f32 = fastvit_jax.create_model("t8", num_classes=10, lowering="native")
     bf16 = fastvit_jax.create_model("t8", num_classes=10, lowering="native", dtype=jnp.bfloat16)
     assert bf16.policy == ComputePolicy(jnp.bfloat16, "native", "none") and f32.policy.dtype == jnp.float32
-    variables = jax.jit(f32.init)(jax.random.PRNGKey(0), x)
+    variables = jit_init(f32)(jax.random.PRNGKey(0), x)
     forward = jax.jit(lambda m, v, x: m.apply(v, x), static_argnums=0)
     for m, dtype in ((f32, "f32"), (bf16, "bf16"), (f32, "f32")):
         convs = ops(forward.lower(m, variables, x).as_text(), "convolution")

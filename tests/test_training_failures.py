@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from test_training_e2e import _config, _fake_imagenet  # noqa: E402  (tests/ is on sys.path)
+from helpers import jit_init  # noqa: E402
 from test_training_helpers import after_each_step  # noqa: E402
 from tmpfs import cli_env, run_with_tmpfs, tmpfs_unavailable  # noqa: E402
 
@@ -121,7 +122,7 @@ def test_export_never_overwrites_the_init_from_file(tmp_path):
     from fastvit_jax.training.pretrained import export_fused
 
     model = fastvit_jax.create_model("t8", num_classes=10)
-    variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
+    variables = jit_init(model)(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
     cfg = get_config("t8", dataset="demo", num_classes=10, image_size=64, workdir=str(tmp_path))
     target = export_fused(str(tmp_path), variables, cfg, step=1)
     before = open(target, "rb").read()

@@ -39,7 +39,7 @@ from fastvit_jax.training.preemption import StopSignals
 from fastvit_jax.training.pretrained import export_fused, merge_pretrained
 from fastvit_jax.training.programs import StepPrograms, build_model, build_step_programs, train_batch_spec
 from fastvit_jax.training.setup import setup_run
-from fastvit_jax.training.state import TrainState, create_state, init_variables
+from fastvit_jax.training.state import TrainState, create_state, init_variables, run_once_compiler_options
 from fastvit_jax.training.steps import config_optimizer, run_args, schedule_of
 from fastvit_jax.training.workdir_lock import WorkdirLock
 from fastvit_jax.weights.files import read_variables
@@ -122,13 +122,15 @@ def _initial_state(config: TrainConfig, model: nn.Module, tx, shardings: Any, ab
         log.info("resumed from %s step %d", checkpointer.directory, step)
         return state, step
     if config.init_from:
-        fresh = jax.device_get(jax.jit(lambda rng: init_variables(model, config.image_size, rng))(init_rng))
+        fresh = jax.device_get(jax.jit(lambda rng: init_variables(model, config.image_size, rng),
+                                       compiler_options=run_once_compiler_options())(init_rng))
         merged, notes = merge_pretrained(fresh, read_variables(config.init_from))
         for note in notes:
             log.warning(note)
-        return jax.jit(lambda variables: create_state(variables, tx), out_shardings=shardings)(merged), None
+        return jax.jit(lambda variables: create_state(variables, tx), out_shardings=shardings,
+                       compiler_options=run_once_compiler_options())(merged), None
     fresh_state = jax.jit(lambda rng: create_state(init_variables(model, config.image_size, rng), tx),
-                          out_shardings=shardings)
+                          out_shardings=shardings, compiler_options=run_once_compiler_options())
     return fresh_state(init_rng), None
 
 
