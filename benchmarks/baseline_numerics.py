@@ -7,9 +7,12 @@ Until commit b84e817 (its parent, b84e817^, is "before"):
   backward, in float32;
 - BatchNorm's training statistics took two passes over the activations (the mean, then the
   mean of squared deviations);
-- nothing was rematerialised (``remat='none'``, which ``create_model`` still accepts).
+- nothing was rematerialised (``remat='none'``, which ``create_model`` still accepts);
+- the depthwise convs with a channel multiplier (the downsampling convs) took autodiff's
+  gradient, a grouped conv with two input channels per group
+  (``fastvit_jax.conv.conv2d_depthwise_multiplier`` writes it as plain depthwise convs now).
 
-``baseline_numerics()`` swaps the first two back in while a step is traced, so that one process
+``baseline_numerics()`` swaps the first two and the last back in while a step is traced, so that one process
 can trace, compile and time both (``benchmarks/train_grid.py``). The compiled programs keep what
 they were traced with. One difference remains: the RepMixer's depthwise convs took float32
 inputs then and take the compute dtype now (their float32 result and BatchNorm are as before).
@@ -44,13 +47,25 @@ def batch_moments_two_pass(xf: jax.Array) -> Tuple[jax.Array, jax.Array]:
     return mean, jnp.mean(jnp.square(xf - mean), axes)
 
 
+def depthwise_multiplier_autodiff(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """The channel-multiplier conv as it was: one native conv, differentiated by autodiff."""
+    return fastvit_jax.conv.conv2d_native(x, kernel, stride, padding, x.shape[-1])
+
+
+SWAPPED = ((fastvit_jax.conv, "conv2d_native", conv2d_native_float32_result),
+           (fastvit_jax.layers, "batch_moments", batch_moments_two_pass),
+           (fastvit_jax.conv, "conv2d_depthwise_multiplier", depthwise_multiplier_autodiff))
+
+
 @contextlib.contextmanager
 def baseline_numerics() -> Iterator[None]:
-    """Within the block, models trace with the float32-result convs and two-pass statistics."""
-    saved = fastvit_jax.conv.conv2d_native, fastvit_jax.layers.batch_moments
-    fastvit_jax.conv.conv2d_native = conv2d_native_float32_result
-    fastvit_jax.layers.batch_moments = batch_moments_two_pass
+    """Within the block, models trace with the float32-result convs, two-pass statistics and
+    autodiff's channel-multiplier conv gradient."""
+    saved = [(module, name, getattr(module, name)) for module, name, _ in SWAPPED]
+    for module, name, before in SWAPPED:
+        setattr(module, name, before)
     try:
         yield
     finally:
-        fastvit_jax.conv.conv2d_native, fastvit_jax.layers.batch_moments = saved
+        for module, name, today in saved:
+            setattr(module, name, today)

@@ -9,8 +9,9 @@ activations and temporaries grow with the batch), compile the largest multiple o
 HBM, and refine the fit with each compile (``largest_batch``). ESTIMATES from XLA's cost
 and memory analysis against the chip's published peak and bandwidth, not measurements.
 
-``--numerics before`` compiles the step as it was before the accelerator work (b84e817^:
-float32-result convs, two-pass BatchNorm statistics, no remat; ``benchmarks/baseline_numerics.py``
+``--numerics before`` compiles the step as it was before the accelerator work (float32-result
+convs, two-pass BatchNorm statistics, autodiff's gradient of the channel-multiplier convs, no
+remat; ``benchmarks/baseline_numerics.py``
 swaps them in while the step is traced), so one checkout gives both sides of a before/after row.
 
 A compile takes minutes of CPU (t8 at 256 px: ~5-10 CPU-minutes, ma36 several times that), so
@@ -35,7 +36,7 @@ import resource
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RESULTS = os.path.join(REPO, "benchmarks", "results", "tpu_estimates.json")
@@ -122,26 +123,36 @@ def out_of_memory_report(stderr: str) -> Optional[Dict[str, Any]]:
             "train_step": {"memory_bytes": {"total": needed}, "fits": False}}
 
 
+def compile_row(row: Row, batch: int, on_compiled: Optional[Callable[[str, Any], None]] = None) -> Dict[str, Any]:
+    """In this process, with libtpu prepared (``aot.prepare_deviceless_tpu`` before JAX starts): the
+    train step of ``row`` at ``batch`` per chip compiled for one chip, and its report.
+    ``on_compiled(step_name, compiled)`` receives the compiled program."""
+    from fastvit_jax.training import aot
+
+    import fastvit_jax
+    from fastvit_jax.training.config import get_config
+
+    config = get_config(row.variant, global_batch_size=batch, image_size=row.image_size,
+                        remat=row.remat, mesh="data:-1", workdir="/nonexistent")
+    numerics = contextlib.nullcontext()
+    if row.numerics == "before":
+        from benchmarks.baseline_numerics import baseline_numerics
+
+        numerics = baseline_numerics()
+    with numerics:  # the step is traced inside compile_only
+        report = aot.compile_only(config, ONE_CHIP[row.chip], fastvit_jax.create_model,
+                                  lowering=row.lowering, steps=("train_step",), on_compiled=on_compiled)
+    report["numerics"] = row.numerics
+    return report
+
+
 def _one(spec: Dict[str, Any]) -> None:
     """Child: compile and print the report as one JSON line."""
     from fastvit_jax.training import aot
 
     aot.prepare_deviceless_tpu()
-    import fastvit_jax
-    from fastvit_jax.training.config import get_config
-
-    config = get_config(spec["variant"], global_batch_size=spec["batch"], image_size=spec["image_size"],
-                        remat=spec["remat"], mesh="data:-1", workdir="/nonexistent")
-    numerics = contextlib.nullcontext()
-    if spec.get("numerics", "today") == "before":
-        from benchmarks.baseline_numerics import baseline_numerics
-
-        numerics = baseline_numerics()
-    with numerics:  # the step is traced inside compile_only
-        report = aot.compile_only(config, ONE_CHIP[spec["chip"]], fastvit_jax.create_model,
-                                  lowering=spec["lowering"], steps=("train_step",))
-    report["numerics"] = spec.get("numerics", "today")
-    print(json.dumps(report))
+    fields = {f.name for f in dataclasses.fields(Row)}
+    print(json.dumps(compile_row(Row(**{k: v for k, v in spec.items() if k in fields}), spec["batch"])))
 
 
 def fit_max_batch(points: Sequence[Tuple[int, int]], hbm_bytes: int) -> int:

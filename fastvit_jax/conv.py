@@ -248,6 +248,45 @@ def _conv2d_dense_small_bwd(stride, padding, residuals, g):
 
 conv2d_dense_small.defvjp(_conv2d_dense_small_fwd, _conv2d_dense_small_bwd)
 
+def _depthwise_per_multiplier(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """A depthwise conv with channel multiplier m written as m plain depthwise convs (one output
+    channel per input channel each), their outputs interleaved back to channel o = c * m + q."""
+    c, out_ch = x.shape[-1], kernel.shape[-1]
+    m = out_ch // c
+    outs = [conv2d_native(x, kernel[..., q::m], stride, padding, c) for q in range(m)]
+    y = jnp.stack(outs, axis=-1)
+    return y.reshape(*y.shape[:-2], out_ch)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d_depthwise_multiplier(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """A depthwise conv with a channel multiplier (FastViT's downsampling 7x7 / 3x3 convs, C -> 2C,
+    stride 2), as one native conv; its gradient is that of m plain depthwise convs.
+
+    x: (B, H, W, C); kernel: (kh, kw, 1, C * m), output channel o reads input channel o // m.
+    Autodiff's input gradient of the single conv is a grouped conv with m input channels per group,
+    which the TPU compiler runs with the batch as the minor dimension, behind relayouts of the
+    full-resolution input: in ma36's training step (v5e, 256 px) its six downsampling convs took 23%
+    of the compiler's estimated cycles, 86% of that in the backward. Written as m plain depthwise
+    convs, the backward uses the same kernels as every other depthwise conv, and those six convs
+    take 4% (docs/performance.md#channel-multiplier-convs-on-tpu).
+    """
+    return conv2d_native(x, kernel, stride, padding, x.shape[-1])
+
+
+def _conv2d_depthwise_multiplier_fwd(x, kernel, stride, padding):
+    return conv2d_depthwise_multiplier(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv2d_depthwise_multiplier_bwd(stride, padding, residuals, g):
+    x, kernel = residuals
+    _, vjp = jax.vjp(lambda a, k: _depthwise_per_multiplier(a, k, stride, padding), x, kernel)
+    return vjp(g)
+
+
+conv2d_depthwise_multiplier.defvjp(_conv2d_depthwise_multiplier_fwd, _conv2d_depthwise_multiplier_bwd)
+
+
 # im2col rows for the kernel gradient stay small up to this many kh*kw*C_in columns
 DENSE_SMALL_MAX_COLUMNS = 64
 
@@ -297,7 +336,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
     """NHWC convolution, HWIO kernel, symmetric zero padding, PyTorch grouping.
 
     ``lowering``: None picks per backend (``default_lowering``); 'native' always uses
-    ``lax.conv_general_dilated``; 'shift' uses multiply-adds for one-input-channel-per-group
+    ``lax.conv_general_dilated`` (a depthwise conv with a channel multiplier with its gradient
+    written as plain depthwise convs: ``conv2d_depthwise_multiplier``); 'shift' uses multiply-adds for one-input-channel-per-group
     convs and a matmul for dense 1x1 convs (other convs stay native).
     """
     lowering = resolve_lowering(lowering)
@@ -309,4 +349,6 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
             return _conv2d_pointwise_jit(x, kernel, stride)
         if groups == 1 and kh * kw * in_per_group <= DENSE_SMALL_MAX_COLUMNS:
             return _conv2d_dense_small_jit(x, kernel, stride, padding)
+    if in_per_group == 1 and groups == x.shape[-1] and kernel.shape[-1] > groups:
+        return conv2d_depthwise_multiplier(x, kernel, stride, padding)
     return conv2d_native(x, kernel, stride, padding, groups)

@@ -27,6 +27,39 @@ def test_topologies_chips_and_the_roofline():
     assert r["img_per_s_per_chip"] == pytest.approx(6400)
 
 
+HLO_WITH_CYCLES = """HloModule jit_train_step
+
+%fused_computation.1 (param_0: bf16[2,4]) -> bf16[2,4] {
+  %param_0 = bf16[2,4]{1,0} parameter(0)
+  ROOT %multiply.1 = bf16[2,4]{1,0} multiply(%param_0, %param_0), backend_config={"estimated_cycles":"999"}
+}
+
+ENTRY %main.5 (p: bf16[2,4]) -> bf16[2,4] {
+  %p = bf16[2,4]{1,0} parameter(0)
+  %fusion.1 = bf16[2,4]{1,0} fusion(%p), kind=kLoop, calls=%fused_computation.1, metadata={op_name="jit(train_step)/jvp(FastVit)/FastVit.forward_features/stages_0/blocks_3/mlp/conv"}, backend_config={"flag_configs":[],"estimated_cycles":"100"}
+  %convolution.2 = bf16[2,4]{1,0} convolution(%fusion.1, %p), metadata={op_name="jit(train_step)/transpose(jvp(FastVit))/FastVit.forward_features/stages_0/blocks_1/mlp/conv"}, backend_config={"estimated_cycles":"40"}
+  %fusion.4 = bf16[2,4]{1,0} fusion(%convolution.2), kind=kLoop, calls=%fused_computation.1, metadata={op_name="jit(train_step)/jvp(FastVit)/FastVit.forward_features/stages_0/blocks_0/mlp/conv"}, backend_config={"estimated_cycles":"20"}
+  ROOT %copy.3 = bf16[2,4]{0,1} copy(%fusion.4), backend_config={"estimated_cycles":"7"}
+}
+"""
+
+
+def test_compiler_cycles_are_summed_per_scope_outside_fusion_bodies():
+    """hlo_cycles: a fusion's body is counted by its fusion instruction, not again; blocks of a stage
+    merge; autodiff's transpose marks the backward; a program without estimates (CPU) has none."""
+    from benchmarks.tpu_cycles import breakdown
+    from fastvit_jax.training import hlo_cycles
+
+    assert hlo_cycles.total_cycles(HLO_WITH_CYCLES) == 167
+    assert hlo_cycles.cycles_by_scope(HLO_WITH_CYCLES) == [
+        ("forward", "stages_0/blocks_*/mlp/conv", 120), ("backward", "stages_0/blocks_*/mlp/conv", 40),
+        ("forward", "(no scope)", 7)]
+    assert hlo_cycles.total_cycles(HLO_WITH_CYCLES.replace('"estimated_cycles"', '"other"')) is None
+    result = breakdown(HLO_WITH_CYCLES, top=2)
+    assert result["total_cycles"] == 167 and result["scopes_left_out"] == 1
+    assert [round(s["share"], 3) for s in result["scopes"]] == [round(120 / 167, 3), round(40 / 167, 3)]
+
+
 @pytest.mark.skipif(aot.libtpu_path() is None, reason="libtpu is not installed beside the environment (make setup)")
 @pytest.mark.xdist_group("libtpu")  # one compile at a time: each takes a few GB and both cores
 @pytest.mark.parametrize("mesh", ["data:-1", "data:-1,fsdp:2"])
@@ -45,6 +78,7 @@ def test_compile_only_for_a_v5e_slice(tmp_path, mesh):
         s = report[step]
         assert s["flops"] > 1e7 and s["bytes_accessed"] > 1e7 and s["memory_bytes"]["total"] > 0
         assert s["fits"] is (s["memory_bytes"]["total"] <= s["hbm_bytes"]) and s["img_per_s_per_chip"] > 0
+        assert s["estimated_cycles"] > 1e4  # the TPU compiler's own estimate (hlo_cycles)
     assert (report["eval_batch_size"], report["lowering"], report["remat"]) == (8, "native", "none")
     # forward + backward (~3 forwards) against the eval step's 2 (the weights and their EMA, as the run evaluates)
     assert report["train_step"]["flops"] > 1.5 * report["eval_step"]["flops"]

@@ -314,12 +314,15 @@ def test_baseline_numerics_trace_the_old_step_and_restore_the_new():
             return jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"])).lower(
                 variables, x).as_text()
 
-    now = (fastvit_jax.conv.conv2d_native, fastvit_jax.layers.batch_moments)
+    now = (fastvit_jax.conv.conv2d_native, fastvit_jax.layers.batch_moments,
+           fastvit_jax.conv.conv2d_depthwise_multiplier)
     with baseline_numerics():
+        assert fastvit_jax.conv.conv2d_depthwise_multiplier is not now[2]
         before = lowered_text()
         assert fastvit_jax.layers.batch_moments is not now[1]
         mean2, var2 = fastvit_jax.layers.batch_moments(x)
-    assert (fastvit_jax.conv.conv2d_native, fastvit_jax.layers.batch_moments) == now
+    assert (fastvit_jax.conv.conv2d_native, fastvit_jax.layers.batch_moments,
+            fastvit_jax.conv.conv2d_depthwise_multiplier) == now
     after = lowered_text()
     assert all("xf32>" in r for r in conv_results(before)) and conv_results(before)
     assert all("xbf16>" in r for r in conv_results(after)) and conv_results(after)

@@ -78,6 +78,34 @@ def test_conv_matches_torch_grouped_semantics():
         np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), ref, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("k,stride,mult,size", [(7, 2, 2, (16, 12)), (3, 2, 2, (15, 9)), (3, 1, 3, (8, 8))])
+def test_channel_multiplier_conv_gradient_is_plain_depthwise_convs(k, stride, mult, size):
+    """conv2d_depthwise_multiplier: the forward is the one native conv; its hand-written gradient
+    equals autodiff's and contains only depthwise convs with one input channel per group (autodiff's
+    input gradient is a grouped conv with ``mult`` input channels per group, slow on TPU)."""
+    from fastvit_jax.conv import conv2d_depthwise_multiplier, conv2d_native
+
+    rng = np.random.RandomState(3)
+    c = 6
+    x = jnp.asarray(rng.randn(2, *size, c), jnp.float32)
+    kernel = jnp.asarray(rng.randn(k, k, 1, c * mult), jnp.float32)
+    cot = jnp.asarray(rng.randn(*conv2d_native(x, kernel, stride, k // 2, c).shape), jnp.float32)
+    fast = lambda a, w: jnp.vdot(conv2d_depthwise_multiplier(a, w, stride, k // 2), cot)  # noqa: E731
+    plain = lambda a, w: jnp.vdot(conv2d_native(a, w, stride, k // 2, c), cot)  # noqa: E731
+    np.testing.assert_array_equal(conv2d(x, kernel, stride=stride, padding=k // 2, groups=c, lowering="native"),
+                                  conv2d_native(x, kernel, stride, k // 2, c))
+    for got, want in zip(jax.grad(fast, (0, 1))(x, kernel), jax.grad(plain, (0, 1))(x, kernel)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+
+    def input_channels_per_group(f):
+        eqns = [e for e in jax.make_jaxpr(jax.grad(f, (0, 1)))(x, kernel).eqns if e.primitive.name == "conv_general_dilated"]
+        return {e.invars[1].aval.shape[e.params["dimension_numbers"].rhs_spec[1]] for e in eqns
+                if e.params["feature_group_count"] > 1}
+
+    assert input_channels_per_group(fast) == {1}
+    assert input_channels_per_group(plain) == {1, mult}  # what the hand-written gradient avoids
+
+
 # --------------------------------------------------------------------------- fusion math, one by one
 def _bn(rng, c):
     params = {"scale": jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32), "bias": jnp.asarray(rng.randn(c), jnp.float32)}

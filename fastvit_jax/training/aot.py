@@ -158,12 +158,16 @@ def cost_per_chip(compiled: Any) -> Tuple[float, float]:
 
 
 def analyse(compiled: Any, chip: Chip, images_per_chip: int) -> Dict[str, Any]:
-    """Memory against the chip's HBM, FLOPs, bytes and the roofline of one compiled step."""
+    """Memory against the chip's HBM, FLOPs, bytes and the roofline of one compiled step, and the
+    TPU compiler's own estimate of its cycles (``hlo_cycles``; for comparing programs, not a time)."""
+    from fastvit_jax.training.hlo_cycles import total_cycles
+
     memory = memory_per_chip(compiled)
     flops, nbytes = cost_per_chip(compiled)
     hbm = int(chip.hbm_gib * 2**30)
     return {"memory_bytes": memory, "hbm_bytes": hbm, "fits": memory["total"] <= hbm, "flops": flops,
-            "bytes_accessed": nbytes, **roofline(flops, nbytes, chip, images_per_chip)}
+            "bytes_accessed": nbytes, **roofline(flops, nbytes, chip, images_per_chip),
+            "estimated_cycles": total_cycles(compiled.as_text())}
 
 
 def compile_config(config: Any) -> Any:
@@ -178,9 +182,11 @@ def compile_config(config: Any) -> Any:
 
 
 def compile_only(config: Any, topology: str, model_fn: Callable, *, lowering: Optional[str] = None,
-                 steps: Sequence[str] = STEPS) -> Dict[str, Any]:
+                 steps: Sequence[str] = STEPS,
+                 on_compiled: Optional[Callable[[str, Any], None]] = None) -> Dict[str, Any]:
     """Compiles the run's ``steps`` (train and eval) for ``topology`` with the trainer's programs;
-    returns the per-chip report. ``lowering``: the convolutions' ('native', the TPU default, or 'shift')."""
+    returns the per-chip report. ``lowering``: the convolutions' ('native', the TPU default, or 'shift').
+    ``on_compiled(step_name, compiled)`` is called with each compiled program (to read its text)."""
     from fastvit_jax.training import mesh as mesh_lib
     from fastvit_jax.training.evaluate import eval_batch_size
     from fastvit_jax.training.plan import make_plan
@@ -218,12 +224,16 @@ def compile_only(config: Any, topology: str, model_fn: Callable, *, lowering: Op
         start = time.perf_counter()
         compiled = programs.train_step.lower(*programs.train_inputs(args)).compile()
         report["train_step"] = {**analyse(compiled, chip, per_chip), "compile_s": round(time.perf_counter() - start, 1)}
+        if on_compiled is not None:
+            on_compiled("train_step", compiled)
     if "eval_step" in steps:
         start = time.perf_counter()
         compiled = programs.eval_step.lower(*programs.eval_inputs(eval_batch_spec(eval_batch, size))).compile()
         # one eval step evaluates the weights and their EMA: two forward passes per image
         report["eval_step"] = {**analyse(compiled, chip, eval_batch // divisor),
                                "compile_s": round(time.perf_counter() - start, 1)}
+        if on_compiled is not None:
+            on_compiled("eval_step", compiled)
     return report
 
 
@@ -250,7 +260,9 @@ def describe(report: Dict[str, Any]) -> str:
             f"({'fits' if r['fits'] else 'DOES NOT FIT'}; arguments {m['argument'] / gib:.2f}, temporaries "
             f"{m['temp'] / gib:.2f}, outputs {m['output'] / gib:.2f}); {r['flops']:.3g} FLOPs and "
             f"{r['bytes_accessed']:.3g} bytes per chip per step -> {r['step_s'] * 1e3:.1f} ms ({r['bound']}-bound), "
-            f"{r['img_per_s_per_chip']:.0f} img/s per chip, MFU {100 * r['mfu']:.1f}% (compiled in {r['compile_s']}s)")
+            f"{r['img_per_s_per_chip']:.0f} img/s per chip, MFU {100 * r['mfu']:.1f}%"
+            + (f"; the TPU compiler's own estimate {r['estimated_cycles'] / 1e6:.1f} M cycles"
+               if r.get("estimated_cycles") else "") + f" (compiled in {r['compile_s']}s)")
     return "\n".join(lines)
 
 
