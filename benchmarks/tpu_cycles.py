@@ -17,12 +17,10 @@ A compile takes CPU minutes (t8 at 64 px: ~2, ma36 at 256 px: ~8-10 on a 2-core 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.tpu_estimates import ONE_CHIP, Row, compile_row
 
 
 def breakdown(hlo_text: str, top: int) -> Dict[str, Any]:
@@ -50,7 +48,7 @@ def markdown(result: Dict[str, Any]) -> str:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="t8")
-    p.add_argument("--chip", default="v5e", choices=["v5e", "v6e", "v4", "v5p"])
+    p.add_argument("--chip", default="v5e", choices=sorted(ONE_CHIP))
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--batch", type=int, default=32, help="images per chip")
     p.add_argument("--lowering", default="native", choices=["native", "shift"])
@@ -66,8 +64,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from fastvit_jax.training import aot
 
     aot.prepare_deviceless_tpu()  # before JAX starts
-    from benchmarks.tpu_estimates import Row, compile_row
-
     texts: List[str] = []
     row = Row(args.variant, args.chip, args.lowering, args.remat, args.image_size, args.numerics)
     report = compile_row(row, args.batch, on_compiled=lambda name, compiled: texts.append(compiled.as_text()))
@@ -78,9 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               **breakdown(texts[0], args.top), "train_step": report["train_step"]}
     print(markdown(result))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        aot.write_report(result, args.out)
     return 0
 
 
