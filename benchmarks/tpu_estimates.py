@@ -7,7 +7,10 @@ figures barely depend on the chip count), train step only. Per row: compile at t
 fit the step's memory as a + b * batch (parameters and optimizer state are the constant, the
 activations and temporaries grow with the batch), compile the largest multiple of 8 under the
 HBM, and refine the fit with each compile (``largest_batch``). ESTIMATES from XLA's cost
-and memory analysis against the chip's published peak and bandwidth, not measurements.
+and memory analysis against the chip's published peak and bandwidth, not measurements. Beside
+the roofline, the TPU compiler's own estimated cycles as img/s and MFU where the chip's clock is
+known (v5e; ``aot.cycle_time``): the roofline prices vector-unit work at the MXUs' peak, so for
+FastViT's depthwise convolutions it is the optimistic one of the two.
 
 ``--numerics before`` compiles the step as it was before the accelerator work (float32-result
 convs, two-pass BatchNorm statistics, autodiff's gradient of the channel-multiplier convs, no
@@ -256,25 +259,30 @@ def largest_batch(runner: Runner, row: Row, probes: Sequence[int], refines: int 
 
 def table(summaries: List[Dict[str, Any]]) -> str:
     """The markdown table of the rows (per chip; estimates)."""
+    from fastvit_jax.training.aot import CHIPS, cycle_time
+
     lines = ["| variant | convs | chip | largest batch/chip | memory (GiB of HBM) | GFLOP/img | MB/img | step (ms) "
-             "| bound | img/s/chip | MFU | CPU compile (min) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| bound | img/s/chip | MFU | compiler's cycles: img/s/chip, MFU | CPU compile (min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         row = s["row"]
         convs = row.lowering if row.numerics == "today" else f"{row.lowering}, {row.numerics} (remat {row.remat})"
         if s.get("missing"):
             lines.append(f"| {row.variant} | {convs} | {row.chip} | not compiled yet"
                          f"{' (predicted ' + str(s['predicted_batch']) + ')' if 'predicted_batch' in s else ''} "
-                         f"| | | | | | | | |")
+                         f"| | | | | | | | | |")
             continue
         step, batch = s["report"]["train_step"], s["batch"]
         m = step["memory_bytes"]
         largest = f"{batch}" if s.get("untried") is None else f"{batch} ({s['untried']} not compiled yet)"
+        by_cycles = cycle_time(step.get("estimated_cycles"), step["flops"], CHIPS[row.chip], batch)
+        cycles_cell = (f"{by_cycles['cycles_img_per_s_per_chip']:,.0f}, {100 * by_cycles['cycles_mfu']:.1f}%"
+                       if by_cycles else "n/a")
         lines.append(
             f"| {row.variant} | {convs} | {row.chip} | {largest} | {m['total'] / 2**30:.1f} of "
             f"{step['hbm_bytes'] / 2**30:.0f} | {step['flops'] / batch / 1e9:.1f} | "
             f"{step['bytes_accessed'] / batch / 1e6:.0f} | {step['step_s'] * 1e3:.0f} | {step['bound']} | "
-            f"{step['img_per_s_per_chip']:,.0f} | {100 * step['mfu']:.1f}% | {s['cpu_s'] / 60:.0f} |")
+            f"{step['img_per_s_per_chip']:,.0f} | {100 * step['mfu']:.1f}% | {cycles_cell} | {s['cpu_s'] / 60:.0f} |")
     return "\n".join(lines)
 
 

@@ -248,6 +248,7 @@ def _conv2d_dense_small_bwd(stride, padding, residuals, g):
 
 conv2d_dense_small.defvjp(_conv2d_dense_small_fwd, _conv2d_dense_small_bwd)
 
+
 def _depthwise_per_multiplier(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """A depthwise conv with channel multiplier m written as m plain depthwise convs (one output
     channel per input channel each), their outputs interleaved back to channel o = c * m + q."""
@@ -337,8 +338,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
 
     ``lowering``: None picks per backend (``default_lowering``); 'native' always uses
     ``lax.conv_general_dilated`` (a depthwise conv with a channel multiplier with its gradient
-    written as plain depthwise convs: ``conv2d_depthwise_multiplier``); 'shift' uses multiply-adds for one-input-channel-per-group
-    convs and a matmul for dense 1x1 convs (other convs stay native).
+    written as plain depthwise convs: ``conv2d_depthwise_multiplier``); 'shift' uses multiply-adds
+    for one-input-channel-per-group convs and a matmul for dense 1x1 convs (other convs stay native).
     """
     lowering = resolve_lowering(lowering)
     kh, kw, in_per_group, _ = kernel.shape

@@ -25,6 +25,11 @@ def test_topologies_chips_and_the_roofline():
     r = aot.roofline(flops=197e12 * 0.01, nbytes=819e9 * 0.02, chip=aot.CHIPS["v5e"], images=128)
     assert r["bound"] == "memory" and r["step_s"] == pytest.approx(0.02) and r["mfu"] == pytest.approx(0.5)
     assert r["img_per_s_per_chip"] == pytest.approx(6400)
+    # the compiler's cycles at v5e's 1.5 GHz clock (197 TFLOP/s from four 128x128 MXUs)
+    c = aot.cycle_time(3_000_000, flops=197e12 * 0.001, chip=aot.CHIPS["v5e"], images=6)
+    assert c["cycles_step_s"] == pytest.approx(0.002) and c["cycles_img_per_s_per_chip"] == pytest.approx(3000)
+    assert c["cycles_mfu"] == pytest.approx(0.5)
+    assert aot.cycle_time(3_000_000, 1.0, aot.CHIPS["v4"], 6) == {} and aot.cycle_time(None, 1.0, aot.CHIPS["v5e"], 6) == {}
 
 
 HLO_WITH_CYCLES = """HloModule jit_train_step
@@ -78,11 +83,30 @@ def test_compile_only_for_a_v5e_slice(tmp_path, mesh):
         s = report[step]
         assert s["flops"] > 1e7 and s["bytes_accessed"] > 1e7 and s["memory_bytes"]["total"] > 0
         assert s["fits"] is (s["memory_bytes"]["total"] <= s["hbm_bytes"]) and s["img_per_s_per_chip"] > 0
-        assert s["estimated_cycles"] > 1e4  # the TPU compiler's own estimate (hlo_cycles)
+        assert s["estimated_cycles"] > 1e4  # the TPU compiler's own estimate (hlo_cycles), as a step time too
+        assert s["cycles_step_s"] == pytest.approx(s["estimated_cycles"] / 1.5e9) and s["cycles_img_per_s_per_chip"] > 0
+    assert "GHz" in r.stdout
     assert (report["eval_batch_size"], report["lowering"], report["remat"]) == (8, "native", "none")
     # forward + backward (~3 forwards) against the eval step's 2 (the weights and their EMA, as the run evaluates)
     assert report["train_step"]["flops"] > 1.5 * report["eval_step"]["flops"]
     assert not (tmp_path / "wd" / "checkpoints").exists()  # nothing of a run is written
+
+
+@pytest.mark.skipif(aot.libtpu_path() is None, reason="libtpu is not installed beside the environment (make setup)")
+def test_depthwise_conv_cycles_are_paid_per_block_of_128_channels(tmp_path):
+    """benchmarks/tpu_depthwise.py at a tiny size (seconds): 76 channels cost what 128 do, 152 more
+    (the TPU's 128 lanes), forward and gradient; the JSON it writes."""
+    out = tmp_path / "dw.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks.tpu_depthwise", "--batch", "2", "--size", "16", "--kernel",
+                        "3", "--channels", "76", "128", "152", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| 76 | 59% |" in r.stdout and "not measurements" in r.stdout
+    rows = {row["channels"]: row for row in json.loads(out.read_text())["rows"]}
+    for direction in ("forward", "gradient"):
+        c76, c128, c152 = (rows[c][direction]["estimated_cycles"] for c in (76, 128, 152))
+        assert c76 > 0 and abs(c76 - c128) <= 0.01 * c128 and c152 > 1.25 * c128, (direction, c76, c128, c152)
+    assert rows[128]["lane_occupancy"] == 1.0 and round(rows[152]["lane_occupancy"], 2) == 0.59
 
 
 def test_compile_only_without_topology_or_libtpu_is_one_line(tmp_path):

@@ -44,13 +44,17 @@ class Chip:
     hbm_gib: float  # HBM capacity, GiB
     source: str  # where the figures are published
     megacore: bool = False  # two TensorCores that JAX drives as one device (v4, v5p)
+    clock_ghz: Optional[float] = None  # TensorCore clock, where the published figures fix it
 
 
 # Google Cloud TPU documentation, "System architecture" tables (read 2026-12):
 CHIPS: Dict[str, Chip] = {
     "v4": Chip("v4", 275.0, 1200.0, 32.0, "https://cloud.google.com/tpu/docs/v4 (275 TFLOPs, 32 GiB, 1200 GBps)",
                megacore=True),
-    "v5e": Chip("v5e", 197.0, 819.0, 16.0, "https://cloud.google.com/tpu/docs/v5e (197 TFLOPs, 16 GB, 819 GBps)"),
+    # v5e: one TensorCore with four 128x128 MXUs (2 FLOPs per multiply-add) at 197 TFLOP/s:
+    # 197e12 / (4 * 128 * 128 * 2) = 1.5 GHz. The other chips' tables do not fix their clocks.
+    "v5e": Chip("v5e", 197.0, 819.0, 16.0, "https://cloud.google.com/tpu/docs/v5e (197 TFLOPs, 16 GB, 819 GBps, "
+                "one TensorCore with four MXUs)", clock_ghz=1.5),
     "v5p": Chip("v5p", 459.0, 2765.0, 95.0, "https://cloud.google.com/tpu/docs/v5p (459 TFLOPs, 95 GB, 2765 GBps)",
                 megacore=True),
     "v6e": Chip("v6e", 918.0, 1638.0, 32.0, "https://cloud.google.com/tpu/docs/v6e (918 TFLOPs, 32 GB, 1638 GBps)"),
@@ -157,6 +161,19 @@ def cost_per_chip(compiled: Any) -> Tuple[float, float]:
     return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
+def cycle_time(cycles: Optional[int], flops: float, chip: Chip, images: int) -> Dict[str, float]:
+    """The TPU compiler's estimated cycles (``hlo_cycles``, summed as if the instructions ran one
+    after another) as a step time at the chip's clock, and the img/s per chip and MFU that follow;
+    empty where the cycles or the clock are unknown. Unlike the roofline, it prices the vector
+    unit's work (depthwise convolutions, BatchNorm, GELU) at the vector unit's speed, not at the
+    MXUs' peak."""
+    if not cycles or chip.clock_ghz is None:
+        return {}
+    step_s = cycles / (chip.clock_ghz * 1e9)
+    return {"cycles_step_s": step_s, "cycles_img_per_s_per_chip": images / step_s,
+            "cycles_mfu": flops / (chip.bf16_tflops * 1e12) / step_s}
+
+
 def analyse(compiled: Any, chip: Chip, images_per_chip: int) -> Dict[str, Any]:
     """Memory against the chip's HBM, FLOPs, bytes and the roofline of one compiled step, and the
     TPU compiler's own estimate of its cycles (``hlo_cycles``; for comparing programs, not a time)."""
@@ -165,9 +182,10 @@ def analyse(compiled: Any, chip: Chip, images_per_chip: int) -> Dict[str, Any]:
     memory = memory_per_chip(compiled)
     flops, nbytes = cost_per_chip(compiled)
     hbm = int(chip.hbm_gib * 2**30)
+    cycles = total_cycles(compiled.as_text())
     return {"memory_bytes": memory, "hbm_bytes": hbm, "fits": memory["total"] <= hbm, "flops": flops,
             "bytes_accessed": nbytes, **roofline(flops, nbytes, chip, images_per_chip),
-            "estimated_cycles": total_cycles(compiled.as_text())}
+            "estimated_cycles": cycles, **cycle_time(cycles, flops, chip, images_per_chip)}
 
 
 def compile_config(config: Any) -> Any:
@@ -262,7 +280,10 @@ def describe(report: Dict[str, Any]) -> str:
             f"{r['bytes_accessed']:.3g} bytes per chip per step -> {r['step_s'] * 1e3:.1f} ms ({r['bound']}-bound), "
             f"{r['img_per_s_per_chip']:.0f} img/s per chip, MFU {100 * r['mfu']:.1f}%"
             + (f"; the TPU compiler's own estimate {r['estimated_cycles'] / 1e6:.1f} M cycles"
-               if r.get("estimated_cycles") else "") + f" (compiled in {r['compile_s']}s)")
+               if r.get("estimated_cycles") else "")
+            + (f" = {r['cycles_step_s'] * 1e3:.1f} ms at {report['chip']['clock_ghz']:g} GHz, "
+               f"{r['cycles_img_per_s_per_chip']:.0f} img/s per chip, MFU {100 * r['cycles_mfu']:.1f}%"
+               if "cycles_step_s" in r else "") + f" (compiled in {r['compile_s']}s)")
     return "\n".join(lines)
 
 
