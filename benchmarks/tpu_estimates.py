@@ -10,7 +10,7 @@ HBM, and refine the fit with each compile (``largest_batch``). ESTIMATES from XL
 and memory analysis against the chip's published peak and bandwidth, not measurements. Beside
 the roofline, the TPU compiler's own estimated cycles as img/s and MFU where the chip's clock is
 known (v5e; ``aot.cycle_time``): the roofline prices vector-unit work at the MXUs' peak, so for
-FastViT's depthwise convolutions it is the optimistic one of the two.
+FastViT's depthwise convolutions the two can differ by 2x or more (docs/performance.md).
 
 ``--numerics before`` compiles the step as it was before the accelerator work (float32-result
 convs, two-pass BatchNorm statistics, autodiff's gradient of the channel-multiplier convs, no

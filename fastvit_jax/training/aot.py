@@ -176,7 +176,8 @@ def cycle_time(cycles: Optional[int], flops: float, chip: Chip, images: int) -> 
 
 def analyse(compiled: Any, chip: Chip, images_per_chip: int) -> Dict[str, Any]:
     """Memory against the chip's HBM, FLOPs, bytes and the roofline of one compiled step, and the
-    TPU compiler's own estimate of its cycles (``hlo_cycles``; for comparing programs, not a time)."""
+    TPU compiler's own estimate of its cycles (``hlo_cycles``), as a time where the chip's clock is
+    known (``cycle_time``)."""
     from fastvit_jax.training.hlo_cycles import total_cycles
 
     memory = memory_per_chip(compiled)
