@@ -228,3 +228,21 @@ def test_a_compile_refused_for_want_of_hbm_counts_as_not_fitting():
     runner = Steeper()
     out = largest_batch(runner, Row("sa12", "v5e"), [16, 32])
     assert runner.compiled == [16, 32, 368, 248, 296] and out["batch"] == 296
+
+
+def test_the_table_gives_the_compilers_cycles_beside_the_roofline():
+    """tpu_estimates.table: the roofline columns and, where the chip's clock is known (v5e), the
+    cycles' img/s and MFU (from the cached report, as --table reads it); 'n/a' elsewhere."""
+    from benchmarks.tpu_estimates import Row, table
+    from fastvit_jax.training.aot import CHIPS, roofline
+
+    def summary(chip, cycles):
+        step = {"memory_bytes": {"total": 2**30}, "hbm_bytes": 16 * 2**30, "flops": 197e12 * 0.01,
+                "bytes_accessed": 819e9 * 0.02, "estimated_cycles": cycles,
+                **roofline(197e12 * 0.01, 819e9 * 0.02, CHIPS[chip], 100)}
+        return {"row": Row("t8", chip), "batch": 100, "report": {"train_step": step}, "cpu_s": 60.0}
+
+    v5e, v4 = table([summary("v5e", 60_000_000), summary("v4", 60_000_000)]).splitlines()[2:]
+    # roofline: 20 ms, 5,000 img/s, MFU 50%; cycles: 60 M at 1.5 GHz = 40 ms, 2,500 img/s, MFU 25%
+    assert v5e.endswith("| 20 | memory | 5,000 | 50.0% | 2,500, 25.0% | 1 |"), v5e
+    assert "| n/a |" in v4
