@@ -20,6 +20,8 @@ import argparse
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+from benchmarks.tpu_estimates import ONE_CHIP
+
 LANES = 128
 
 
@@ -36,6 +38,7 @@ def compile_depthwise(device: Any, batch: int, size: int, channels: int, kernel:
     from jax.sharding import SingleDeviceSharding
 
     from fastvit_jax.conv import conv2d
+    from fastvit_jax.training.aot import cost_per_chip
     from fastvit_jax.training.hlo_cycles import total_cycles
 
     def forward(x, w):
@@ -51,10 +54,8 @@ def compile_depthwise(device: Any, batch: int, size: int, channels: int, kernel:
                            "lane_occupancy": lane_occupancy(channels)}
     for name, fn, args in (("forward", forward, (x, w)), ("gradient", gradient, (x, w, x))):
         compiled = jax.jit(fn).lower(*args).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        row[name] = {"estimated_cycles": total_cycles(compiled.as_text()),
-                     "bytes": cost.get("bytes accessed"), "flops": cost.get("flops")}
+        flops, nbytes = cost_per_chip(compiled)
+        row[name] = {"estimated_cycles": total_cycles(compiled.as_text()), "bytes": nbytes, "flops": flops}
     return row
 
 
@@ -72,8 +73,6 @@ def markdown(rows: List[Dict[str, Any]], chip: str) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    from benchmarks.tpu_estimates import ONE_CHIP
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--chip", default="v5e", choices=sorted(ONE_CHIP))
     p.add_argument("--batch", type=int, default=32)
@@ -89,8 +88,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     from fastvit_jax.training import aot
 
     aot.prepare_deviceless_tpu()
-    from benchmarks.tpu_estimates import ONE_CHIP
-
     device = aot.topology_devices(ONE_CHIP[args.chip])[0]
     rows = [compile_depthwise(device, args.batch, args.size, c, args.kernel) for c in args.channels]
     print(markdown(rows, args.chip))
