@@ -300,16 +300,17 @@ def test_maybe_initialize_distributed_single_host_is_noop():
 
 
 def test_distributed_timeouts_reach_jax_distributed_initialize():
-    """--distributed_timeout T: joining and shutdown wait T, JAX's heartbeat timeout is 2T (the watchdog reports at T)."""
+    """--distributed_timeout T: joining and shutdown wait T; JAX's heartbeat timeout is 4T, so JAX can
+    notice a death 2T after it at the earliest, after the watchdog's report at T."""
     from fastvit_jax.training import multihost
 
     env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
     assert multihost.initialize_kwargs(env, distributed_timeout_s=30) == {
         "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3,
-        "initialization_timeout": 30, "heartbeat_timeout_seconds": 60, "shutdown_timeout_seconds": 30}
+        "initialization_timeout": 30, "heartbeat_timeout_seconds": 120, "shutdown_timeout_seconds": 30}
     # Cluster auto-detection (SLURM, TPU pods, Open MPI): only the timeouts are given.
     assert multihost.initialize_kwargs({"SLURM_JOB_ID": "7"}, distributed_timeout_s=300) == {
-        "initialization_timeout": 300, "heartbeat_timeout_seconds": 600, "shutdown_timeout_seconds": 300}
+        "initialization_timeout": 300, "heartbeat_timeout_seconds": 1200, "shutdown_timeout_seconds": 300}
 
 
 # ---------------------------------------------------------------------------- checkpoint / init_from

@@ -180,7 +180,7 @@ class TrainConfig:
     distributed_timeout: float = option(
         300.0, "several processes: seconds without a heartbeat after which a peer counts as lost (the others then "
                "exit with status 4, naming it), and the longest wait to join the job or to shut down (JAX's own "
-               "heartbeat timeout is set to twice this)", restart="bookkeeping", positive=True)
+               "heartbeat timeout is set to four times this)", restart="bookkeeping", positive=True)
     barrier_timeout: float = option(
         1800.0, "several processes: seconds a process waits for the others at a barrier (dataset prepared by "
                 "process 0, train / eval step compiled)", restart="bookkeeping", positive=True)
