@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-slow test-all bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ demo: setup
 
 test: setup
 	$(VPY) -m pytest -q -n 2 --dist loadgroup --durations=15 -m "not slow" tests
+
+# The tests marked slow: the other variants, sizes and meshes of what `make test` checks, and the
+# benchmark report. CI runs both tiers (.ci/run).
+test-slow: setup
+	$(VPY) -m pytest -q -n 2 --dist loadgroup --durations=15 -m slow --durations-file build/test-durations-slow.txt tests
 
 test-all: setup
 	$(VPY) -m pytest -q -n 2 --dist loadgroup -m "slow or not slow" tests

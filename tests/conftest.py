@@ -64,6 +64,11 @@ DURATIONS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               "test-durations.txt")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--durations-file", default=DURATIONS_FILE,
+                     help="where the suite writes its wall time, outcome and slowest tests (default: %(default)s)")
+
+
 def pytest_sessionstart(session):
     import time
 
@@ -71,8 +76,8 @@ def pytest_sessionstart(session):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """Writes build/test-durations.txt (the README cites it): the suite's wall time, its outcome and
-    its 15 slowest tests (setup + call + teardown, summed per test). On the xdist controller only."""
+    """Writes build/test-durations.txt, or --durations-file (the README cites both): the suite's wall
+    time, its outcome and its 15 slowest tests (setup + call + teardown, summed per test). On the xdist controller only."""
     import time
 
     if os.environ.get("PYTEST_XDIST_WORKER") or not hasattr(config, "_suite_started"):
@@ -100,7 +105,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     ranked = sorted(per_test.items(), key=lambda kv: -kv[1])
     lines += [f"{seconds:8.1f} s  {nodeid}" for nodeid, seconds in ranked[:15]]
     lines += ["", "every test:"] + [f"{seconds:8.1f} s  {nodeid}" for nodeid, seconds in ranked]
-    os.makedirs(os.path.dirname(DURATIONS_FILE), exist_ok=True)
-    with open(DURATIONS_FILE, "w") as f:
+    path = os.path.abspath(config.getoption("durations_file"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    terminalreporter.write_line(f"durations: {os.path.relpath(DURATIONS_FILE)}")
+    terminalreporter.write_line(f"durations: {os.path.relpath(path)}")

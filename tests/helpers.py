@@ -6,6 +6,7 @@ import functools
 
 import jax
 import numpy as np
+import pytest
 import torch
 
 import fastvit_jax
@@ -13,8 +14,19 @@ import torch_ref
 from fastvit_jax.compare import relative_error
 from torch_ref.testing import make_nontrivial
 
-SMALL = ("t8", "t12", "s12", "sa12")
-BIG = ("sa24", "sa36", "ma36")
+# The default run (make test) checks each per-variant feature on t8 (RepMixer blocks only) and sa12
+# (RepMixer and attention); t12, s12, sa24, sa36 and ma36 run the same code at other depths and
+# widths, in the slow tier (make test-slow), which CI runs too.
+REPRESENTATIVE_VARIANTS = ("t8", "sa12")
+
+
+def per_variant(variant: str, *values, id: str | None = None, group: bool = True):
+    """A pytest parameter for one variant: in its own xdist group when ``group`` (one worker builds the
+    variant's torch model for all its tests), and marked slow unless the variant is representative."""
+    marks = [pytest.mark.xdist_group(variant)] if group else []
+    if variant not in REPRESENTATIVE_VARIANTS:
+        marks.append(pytest.mark.slow)
+    return pytest.param(variant, *values, marks=marks, id=id)
 
 
 # Bounded caches: one pytest worker runs the parity tests of many variants (mci3 alone holds

@@ -67,7 +67,7 @@ def test_compiler_cycles_are_summed_per_scope_outside_fusion_bodies():
 
 @pytest.mark.skipif(aot.libtpu_path() is None, reason="libtpu is not installed beside the environment (make setup)")
 @pytest.mark.xdist_group("libtpu")  # one compile at a time: each takes a few GB and both cores
-@pytest.mark.parametrize("mesh", ["data:-1", "data:-1,fsdp:2"])
+@pytest.mark.parametrize("mesh", [pytest.param("data:-1", marks=pytest.mark.slow), "data:-1,fsdp:2"])
 def test_compile_only_for_a_v5e_slice(tmp_path, mesh):
     out = tmp_path / "report.json"
     r = subprocess.run([sys.executable, os.path.join(REPO, "train_tpu.py"), "--variant", "t8", "--image_size", "32",

@@ -1,7 +1,7 @@
 """Smoke test of the benchmark suite at tiny sizes (t8, batch 1, 64 px, 1 repeat).
 
-Checks the structure of the JSON report and of the Markdown tables, never timing values.
-Also checks that the two conv lowerings of ``fastvit_jax.conv`` agree on every conv shape
+Checks the structure of the JSON report and of the Markdown tables, never timing values; the report
+and the GPU-session script are in the slow tier (make test-slow, run by CI). Also checks that the two conv lowerings of ``fastvit_jax.conv`` agree on every conv shape
 FastViT uses (the benchmarks rely on the CPU-only 'shift' lowering).
 """
 
@@ -32,6 +32,7 @@ def report(tmp_path_factory):
     return rep, json.loads(out.read_text()), run.to_markdown(rep), tmp
 
 
+@pytest.mark.slow
 def test_report_json_structure(report):
     rep, js, _, _ = report
     assert js["mode"] == "quick"
@@ -43,6 +44,7 @@ def test_report_json_structure(report):
         assert "load_average" in sec and "wall_s" in sec
 
 
+@pytest.mark.slow
 def test_deploy_runtimes_agree_with_jax(report):
     _, js, md, _ = report
     (row,) = js["sections"]["deploy"]["rows"]
@@ -53,6 +55,7 @@ def test_deploy_runtimes_agree_with_jax(report):
     assert "| t8 | 2 |" in md and "Deploy runtimes" in md
 
 
+@pytest.mark.slow
 def test_inference_rows(report):
     inf = report[1]["sections"]["inference"]
     impls = {(r["impl"], r["form"]) for r in inf["rows"]}
@@ -66,6 +69,7 @@ def test_inference_rows(report):
     assert fused and all("fused_speedup_jax" in s and "jax_over_torch" in s for s in fused)
 
 
+@pytest.mark.slow
 def test_train_rows(report):
     tr = report[1]["sections"]["train"]
     (s,) = tr["summary"]
@@ -77,6 +81,7 @@ def test_train_rows(report):
     assert "peak_rss_mib" in jax_row["memory"] and "xla_temp_mib" in jax_row["memory"]
 
 
+@pytest.mark.slow
 def test_flops_and_pipeline_rows(report):
     js = report[1]
     (f,) = js["sections"]["flops"]["rows"]
@@ -88,6 +93,7 @@ def test_flops_and_pipeline_rows(report):
     assert any(n["variant"] == "t8" and n["cores"] > 0 for n in pipe["cores_needed"])
 
 
+@pytest.mark.slow
 def test_markdown_tables(report):
     md = report[2]
     for title in ("Inference", "Training step", "Per-block profile", "Input pipeline", "Params / GMACs"):
@@ -104,6 +110,7 @@ def test_markdown_tables(report):
             block = []
 
 
+@pytest.mark.slow
 def test_charts_beside_the_json(report):
     pngs = sorted(p for p in os.listdir(report[3]) if p.endswith(".png"))
     assert pngs == ["report-inference.png", "report-profile.png", "report-train.png"]
@@ -331,6 +338,7 @@ def test_baseline_numerics_trace_the_old_step_and_restore_the_new():
     np.testing.assert_allclose(var1, var2, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gpu_session_script_runs_tiny_on_cpu(tmp_path):
     """benchmarks/gpu_session.sh --tiny: the GPU session's steps, small, on this CPU (the train grid
     with its profile, and inference); checks what they write, not the speed."""

@@ -21,6 +21,7 @@ from helpers import (
     assert_tf_forward_parity,
     images,
     jax_logits,
+    per_variant,
     torch_fused,
     torch_logits,
     torch_model,
@@ -28,11 +29,7 @@ from helpers import (
 )
 
 SMALL, PUBLISHED = (128, 160), (256, 256)
-CASES = [pytest.param(v, (PUBLISHED, SMALL) if v in ("t8", "sa12") else (SMALL,), marks=pytest.mark.xdist_group(v),
-                      id=v + ("-256+128x160" if v in ("t8", "sa12") else "-128x160"))
-         for v in VARIANTS] + [
-         pytest.param(v, (PUBLISHED,), marks=[pytest.mark.slow, pytest.mark.xdist_group(v)], id=f"{v}-256")
-         for v in VARIANTS if v not in ("t8", "sa12")]
+CASES = [per_variant(v, (PUBLISHED, SMALL), id=f"{v}-256+128x160") for v in VARIANTS]
 
 
 @pytest.mark.parametrize("variant,sizes", CASES)

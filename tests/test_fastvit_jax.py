@@ -17,7 +17,7 @@ from fastvit_jax.compare import relative_error
 from fastvit_jax.conv import conv2d
 from fastvit_jax.layers import MobileOneBlock, RepConditionalPosEnc, ReparamLargeKernelConv, RepMixer
 from fastvit_variants import OFFICIAL_PARAM_COUNTS, VARIANTS
-from helpers import assert_parity, collectives_in, images, jax_apply, jax_logits, torch_model
+from helpers import assert_parity, collectives_in, images, jax_apply, jax_logits, per_variant, torch_model
 
 
 def _count(variant, fused):
@@ -223,7 +223,7 @@ def t8_variables():
     return convert_state_dict(torch_model("t8").state_dict()).variables
 
 
-@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.xdist_group(v)) for v in VARIANTS])
+@pytest.mark.parametrize("variant", [per_variant(v) for v in VARIANTS])
 def test_reparameterize_matches_train_form(variant):
     """JAX fusion on the variables tree: fused == train form in eval mode (every variant, 128x160)."""
     variables = convert_state_dict(torch_model(variant).state_dict()).variables

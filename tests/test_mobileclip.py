@@ -174,7 +174,7 @@ def test_parity_all_paths(variant, sizes):
 
 
 @pytest.mark.parametrize("variant", [pytest.param("mci0", marks=pytest.mark.xdist_group("mci0")),
-                                     pytest.param("mci3", marks=pytest.mark.xdist_group("mci3"))])
+                                     pytest.param("mci3", marks=[pytest.mark.slow, pytest.mark.xdist_group("mci3")])])
 def test_flax_to_torch_writes_timm_layout_back(variant):
     """Flax -> timm-layout state_dict: loads strictly into torch_ref (both forms), converts back exactly."""
     for name in ("timm unfused", "timm unfused -> jax-fused"):
@@ -233,7 +233,7 @@ def _mobileclip(sd, variant):
 
 
 @pytest.mark.parametrize("variant", [pytest.param("mci0", marks=pytest.mark.xdist_group("mci0")),
-                                     pytest.param("mci3", marks=pytest.mark.xdist_group("mci3"))])
+                                     pytest.param("mci3", marks=[pytest.mark.slow, pytest.mark.xdist_group("mci3")])])
 def test_clip_checkpoint_layouts_give_the_timm_variables(variant):
     sd = _tower_sd(variant)
     sd["head.fc.bias"] = np.zeros_like(sd["head.fc.bias"])  # a CLIP projection has no bias
