@@ -77,7 +77,8 @@ def pytest_sessionstart(session):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """Writes build/test-durations.txt, or --durations-file (the README cites both): the suite's wall
-    time, its outcome and its 15 slowest tests (setup + call + teardown, summed per test). On the xdist controller only."""
+    time, its outcome and its 15 slowest tests (setup + call + teardown, summed per test). On the
+    xdist controller only."""
     import time
 
     if os.environ.get("PYTEST_XDIST_WORKER") or not hasattr(config, "_suite_started"):
