@@ -1,8 +1,9 @@
 """Smoke test of the benchmark suite at tiny sizes (t8, batch 1, 64 px, 1 repeat).
 
 Checks the structure of the JSON report and of the Markdown tables, never timing values; the report
-and the GPU-session script are in the slow tier (make test-slow, run by CI). Also checks that the two conv lowerings of ``fastvit_jax.conv`` agree on every conv shape
-FastViT uses (the benchmarks rely on the CPU-only 'shift' lowering).
+and the GPU-session script are in the slow tier (make test-slow, run by CI). Also checks that the
+two conv lowerings of ``fastvit_jax.conv`` agree on every conv shape FastViT uses (the benchmarks
+rely on the CPU-only 'shift' lowering).
 """
 
 import json
